@@ -1,0 +1,176 @@
+"""Opening tunnels from the local to its server(s): handshake, resumption, failover."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from Crypto.PublicKey.RSA import RsaKey
+
+from utils.base import describe, set_nodelay
+from utils.channel import Channel, Deadline, client_handshake
+from utils.config import LocalConfig, ServerEndpoint
+from utils.errors import ProtocolError, SockproxyError
+from utils.handshake import ClientHandshake, Ticket
+from utils.socks5 import Address, Reply, Request, decode_tunnel_reply, encode_tunnel_request
+
+log = logging.getLogger("sockproxy.tunnel")
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+
+
+class TunnelUnavailable(SockproxyError):
+    """No server could be reached or would complete a handshake."""
+
+
+class TicketCache:
+    """The local's resumption ticket for one server, shared by all connections.
+
+    When there is no ticket, one connection runs the full handshake while the others
+    wait for the ticket it leaves, so a burst of connections costs one RSA handshake.
+    """
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self._ticket: Ticket | None = None
+        self._lock = threading.Lock()
+        self._leader = threading.Lock()
+
+    def current(self) -> Ticket | None:
+        with self._lock:
+            if self._ticket is not None and self._ticket.expires_at <= time.monotonic():
+                self._ticket = None
+            return self._ticket
+
+    def store(self, ticket: Ticket | None) -> None:
+        if ticket is not None and self.lifetime > 0:
+            with self._lock:
+                self._ticket = ticket
+
+    def forget(self, ticket: Ticket) -> None:
+        with self._lock:
+            if self._ticket is ticket:
+                self._ticket = None
+
+    @contextlib.contextmanager
+    def full_handshake_turn(self, deadline: Deadline) -> Iterator[Ticket | None]:
+        """Wait for our turn at a full handshake; yields a ticket if one appeared meanwhile."""
+        if self.lifetime <= 0:
+            yield None
+            return
+        if not self._leader.acquire(timeout=deadline.remaining()):
+            raise TimeoutError("waiting for another connection's handshake")
+        try:
+            yield self.current()
+        finally:
+            self._leader.release()
+
+
+@dataclass
+class ServerState:
+    """One configured server, its tickets and its failure back-off."""
+
+    endpoint: ServerEndpoint
+    tickets: TicketCache
+    failures: int = 0
+    retry_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        host = self.endpoint.address
+        return f"[{host}]:{self.endpoint.port}" if ":" in host else f"{host}:{self.endpoint.port}"
+
+    def available(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            delay = min(BACKOFF_FIRST * 2 ** (self.failures - 1), BACKOFF_MAX)
+            self.retry_at = time.monotonic() + delay
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.failures = 0
+            self.retry_at = 0.0
+
+
+class Connector:
+    """Opens a channel to the first server that works and asks it for the destination."""
+
+    def __init__(self, config: LocalConfig) -> None:
+        self._identity: RsaKey = config.private_key
+        self._connect_timeout = config.timeouts.connect
+        self._lifetime = config.resumption_lifetime
+        self.servers = [
+            ServerState(ep, TicketCache(config.resumption_lifetime)) for ep in config.servers
+        ]
+
+    def open(self, request: Request, deadline: Deadline) -> tuple[Channel, Reply, Address]:
+        """A channel whose server has answered ``request``, with its reply and bind address."""
+        last_error: BaseException | None = None
+        for server in self._in_order():
+            try:
+                channel = self._handshake(server, deadline)
+            except (OSError, SockproxyError) as exc:
+                server.failed()
+                log.warning("server %s failed: %s", server.name, describe(exc))
+                last_error = exc
+                continue
+            server.succeeded()
+            return (channel, *self._ask(channel, request, deadline))
+        raise TunnelUnavailable(f"no server available ({describe(last_error or TimeoutError())})")
+
+    def _in_order(self) -> list[ServerState]:
+        """Servers not in back-off first, in config order; then the rest as a last resort."""
+        now = time.monotonic()
+        ready = [s for s in self.servers if s.available(now)]
+        return ready + [s for s in self.servers if not s.available(now)]
+
+    @staticmethod
+    def _ask(channel: Channel, request: Request, deadline: Deadline) -> tuple[Reply, Address]:
+        try:
+            channel.send_message(encode_tunnel_request(request))
+            return decode_tunnel_reply(channel.receive_message(deadline))
+        except BaseException:
+            channel.sock.close()
+            raise
+
+    def _handshake(self, server: ServerState, deadline: Deadline) -> Channel:
+        ticket = server.tickets.current()
+        if ticket is not None:
+            try:
+                return self._attempt(server, ticket, deadline)
+            except (OSError, ProtocolError) as exc:
+                # The server closes on a ticket it does not know (e.g. after a restart).
+                server.tickets.forget(ticket)
+                log.info(
+                    "resumption with %s failed (%s); full handshake", server.name, describe(exc)
+                )
+        with server.tickets.full_handshake_turn(deadline) as fresh:
+            if fresh is None:
+                return self._attempt(server, None, deadline)
+        return self._attempt(server, fresh, deadline)
+
+    def _attempt(self, server: ServerState, ticket: Ticket | None, deadline: Deadline) -> Channel:
+        endpoint = server.endpoint
+        timeout = min(self._connect_timeout, deadline.remaining())
+        sock = socket.create_connection((endpoint.address, endpoint.port), timeout=timeout)
+        try:
+            set_nodelay(sock)
+            handshake = ClientHandshake(
+                self._identity, endpoint.public_key, ticket, ticket_lifetime=self._lifetime
+            )
+            channel = client_handshake(sock, handshake, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        server.tickets.store(handshake.new_ticket)
+        return channel

@@ -1,0 +1,114 @@
+"""server.py's side: accept a tunnel, run the handshake, connect to the destination, relay."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+
+from utils.base import AccessRecord, ProxyServer, TunnelHandler, set_nodelay
+from utils.channel import Channel, Deadline, server_handshake
+from utils.config import AuthorizedKey, ServerConfig
+from utils.handshake import AuthorizedPeer, ServerHandshake, TicketStore
+from utils.socks5 import (
+    CMD_CONNECT,
+    Address,
+    Reply,
+    Request,
+    decode_tunnel_request,
+    encode_tunnel_reply,
+    reply_for_error,
+)
+
+log = logging.getLogger("sockproxy.server")
+
+NO_ADDRESS = Address("0.0.0.0", 0)
+
+
+class ExitServer(ProxyServer):
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.tickets = TicketStore(config.resumption_lifetime)
+        self.authorized: dict[bytes, AuthorizedPeer] = {}
+        self._keys_lock = threading.Lock()
+        self.set_authorized_keys(config.authorized_keys)
+        super().__init__(
+            (config.address, config.port), ExitHandler, config.whitelist, config.max_connections
+        )
+
+    def set_authorized_keys(self, keys: tuple[AuthorizedKey, ...]) -> None:
+        """Swap in a new key list; tickets of keys that are gone stop working at once."""
+        table = {key.fingerprint: AuthorizedPeer(key.name, key.key) for key in keys}
+        with self._keys_lock:
+            removed = {p.name for p in self.authorized.values()} - {p.name for p in table.values()}
+            self.authorized = table
+        for name in removed:
+            self.tickets.revoke_peer(name)
+
+
+class ExitHandler(TunnelHandler):
+    server: ExitServer
+    plain_is_client = False
+
+    def serve(self, record: AccessRecord) -> None:
+        config = self.server.config
+        self.idle_timeout = config.timeouts.idle
+        deadline = Deadline(config.timeouts.handshake)
+        handshake = ServerHandshake(config.private_key, self.server.authorized, self.server.tickets)
+        channel = server_handshake(self.request, handshake, deadline)
+        record.identity = handshake.peer_name + (" resumed" if handshake.resumed else "")
+        try:
+            request = decode_tunnel_request(channel.receive_message(deadline))
+            record.target = str(request.address)
+            target, reply = self._connect(request)
+        except BaseException:
+            channel.sock.close()
+            raise
+        if target is None:
+            record.outcome = reply.name.lower()
+            self._refuse(channel, reply)
+            return
+        set_nodelay(target)
+        host, port = target.getsockname()[:2]
+        channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
+        self.relay(target, channel, record)
+
+    @staticmethod
+    def _refuse(channel: Channel, reply: Reply) -> None:
+        try:
+            channel.send_message(encode_tunnel_reply(reply, NO_ADDRESS))
+            channel.send_end()
+        finally:
+            channel.sock.close()
+
+    def _connect(self, request: Request) -> tuple[socket.socket | None, Reply]:
+        """Resolve (here, not at the local), check the rules, connect: a socket or a REP code."""
+        if request.command != CMD_CONNECT:
+            return None, Reply.COMMAND_NOT_SUPPORTED
+        config = self.server.config
+        address = request.address
+        try:
+            candidates = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            return None, reply_for_error(exc)
+        allowed = [
+            info
+            for info in candidates
+            if config.destination_allowed(ipaddress.ip_address(info[4][0]), address.port)
+        ]
+        if not allowed:
+            log.warning("destination %s denied by the rules", address)
+            return None, Reply.NOT_ALLOWED
+        last_error: OSError = OSError("no address")
+        for family, kind, proto, _, sockaddr in allowed:
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(config.timeouts.connect)
+            try:
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            return sock, Reply.SUCCEEDED
+        return None, reply_for_error(last_error)

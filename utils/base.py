@@ -1,0 +1,270 @@
+"""What local.py and server.py share: the threaded TCP server and the relay.
+
+The relay moves bytes between a plain socket (the SOCKS client on the local, the
+destination on the server) and the encrypted channel, one thread per direction. An EOF on
+one side becomes an authenticated end-of-stream record (and a TCP half-close) on the other,
+and the opposite direction keeps flowing until it ends too. Anything abnormal (a record
+that fails authentication, a truncated channel, a reset, an idle timeout) aborts both
+directions, and the plain side gets a TCP reset rather than a clean-looking EOF, so that a
+client can never mistake a cut-off transfer for a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from utils.cells import MAX_RECORD_PAYLOAD
+from utils.channel import Channel
+from utils.config import Whitelist
+from utils.errors import SockproxyError
+
+log = logging.getLogger("sockproxy")
+access_log = logging.getLogger("sockproxy.access")
+
+LISTEN_BACKLOG = 4096
+THREAD_STACK_SIZE = 512 * 1024
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Small records go out at once: interactive traffic must not wait for Nagle."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not a TCP socket (tests with socketpair) or already closed
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset, not an EOF: the transfer did not complete."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def quietly_shutdown(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed or never connected: nothing left to wake
+
+
+def describe(exc: BaseException) -> str:
+    """A short, secret-free reason for the logs."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, SockproxyError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
+def format_peer(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Aborted(Exception):
+    """The other direction failed; this one stops without a clean end."""
+
+
+@dataclass
+class Relay:
+    """Both directions between ``plain`` and ``channel`` until both have ended."""
+
+    plain: socket.socket
+    channel: Channel
+    idle_timeout: float
+    to_channel: int = 0
+    to_plain: int = 0
+    failure: str | None = None
+    _last_activity: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, pending: bytes = b"") -> str | None:
+        """Relay until done; return None on a clean end, else the reason it failed."""
+        self.plain.settimeout(self.idle_timeout)
+        self.channel.sock.settimeout(self.idle_timeout)
+        upstream = threading.Thread(target=self._guard, args=(self._pump_up, pending), daemon=True)
+        upstream.start()
+        self._guard(self._pump_down)
+        upstream.join()
+        return self.failure
+
+    def _guard(self, pump: Any, *args: Any) -> None:
+        try:
+            pump(*args)
+        except _Aborted:
+            pass
+        except (OSError, SockproxyError) as exc:
+            self.abort(describe(exc))
+
+    def abort(self, reason: str) -> None:
+        """Stop both directions; the first reason wins."""
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = reason
+        # SHUT_RD wakes a reader without sending anything; the reset comes at close.
+        quietly_shutdown(self.plain, socket.SHUT_RD)
+        quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
+
+    def _pump_up(self, pending: bytes) -> None:
+        """Plain socket -> channel, then the end-of-stream record."""
+        if pending:
+            self.channel.send(pending)
+            self.to_channel += len(pending)
+        while data := self._wait(lambda: self.plain.recv(MAX_RECORD_PAYLOAD)):
+            self.channel.send(data)
+            self.to_channel += len(data)
+        self._check_not_aborted()
+        self.channel.send_end()
+
+    def _pump_down(self) -> None:
+        """Channel -> plain socket, then a half-close towards the plain side."""
+        while payloads := self._wait(self.channel.receive):
+            for payload in payloads:
+                self.plain.sendall(payload)
+                self.to_plain += len(payload)
+        self._check_not_aborted()
+        self.plain.shutdown(socket.SHUT_WR)
+
+    def _wait(self, operation: Any) -> Any:
+        """Run a blocking read; on timeout keep waiting while the other direction is busy."""
+        while True:
+            self._check_not_aborted()
+            try:
+                result = operation()
+            except TimeoutError:
+                if time.monotonic() - self._last_activity >= self.idle_timeout:
+                    raise TimeoutError("idle timeout") from None
+                continue
+            self._last_activity = time.monotonic()
+            return result
+
+    def _check_not_aborted(self) -> None:
+        if self.failure is not None:
+            raise _Aborted
+
+
+@dataclass
+class AccessRecord:
+    """One line of the access log: who, where to, how much, how long, how it ended."""
+
+    client: str
+    target: str = "-"
+    identity: str = ""
+    sent: int = 0
+    received: int = 0
+    outcome: str = "ok"
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        who = f"{self.client} ({self.identity})" if self.identity else self.client
+        seconds = time.monotonic() - self.started
+        return (
+            f"{who} -> {self.target} up={self.sent} down={self.received} "
+            f"time={seconds:.3f}s outcome={self.outcome}"
+        )
+
+
+class TunnelHandler(socketserver.BaseRequestHandler):
+    """The common handler: subclasses set up one tunnel in ``serve``, then call ``relay``."""
+
+    idle_timeout: float = 300.0
+    plain_is_client = True  # the local relays for the client; the server for the destination
+
+    def handle(self) -> None:
+        set_nodelay(self.request)
+        record = AccessRecord(format_peer(self.client_address))
+        try:
+            self.serve(record)
+        except (OSError, SockproxyError) as exc:
+            record.outcome = describe(exc)
+        finally:
+            access_log.info("%s", record.line())
+
+    def serve(self, record: AccessRecord) -> None:
+        raise NotImplementedError
+
+    def relay(
+        self, plain: socket.socket, channel: Channel, record: AccessRecord, pending: bytes = b""
+    ) -> None:
+        """Relay until both directions end, then close both sockets (a reset if aborted)."""
+        relay = Relay(plain, channel, self.idle_timeout)
+        try:
+            failure = relay.run(pending)
+        finally:
+            channel.sock.close()
+        up, down = relay.to_channel, relay.to_plain
+        record.sent, record.received = (up, down) if self.plain_is_client else (down, up)
+        if failure is None:
+            plain.close()
+        else:
+            record.outcome = f"aborted: {failure}"
+            close_with_reset(plain)
+
+
+class ProxyServer(socketserver.ThreadingTCPServer):
+    """ThreadingTCPServer with a whitelist, a connection limit and a real backlog."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[socketserver.BaseRequestHandler],
+        whitelist: Whitelist,
+        max_connections: int,
+    ) -> None:
+        self.address_family = _family_of(address[0])
+        self.whitelist = whitelist
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse before reading a byte: strangers first, then a full house."""
+        if not self.whitelist.allows(client_address[0]):
+            log.warning("refused %s: not on the whitelist", format_peer(client_address))
+            return False
+        if not self._slots.acquire(blocking=False):
+            log.warning(
+                "refused %s: max_connections (%d) reached",
+                format_peer(client_address),
+                self.max_connections,
+            )
+            return False
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started: shed this one connection
+            log.error("refused %s: cannot start a thread", format_peer(client_address))
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("unexpected error with %s", format_peer(client_address))
+
+
+def _family_of(host: str) -> socket.AddressFamily:
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]

@@ -1,0 +1,115 @@
+"""What server.py and local.py share as programs: arguments, logging, signals, exit codes.
+
+Exit codes: 0 after SIGINT/SIGTERM, 2 for a config error (one line, no traceback),
+1 when the listening socket cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from utils.base import THREAD_STACK_SIZE, ProxyServer, format_peer
+from utils.errors import ConfigError
+
+VERSION = "1.0.0"
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+log = logging.getLogger("sockproxy")
+
+
+def parse_args(
+    prog: str, description: str, default_config: str, argv: list[str] | None
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        type=Path,
+        help=f"config file (default: {default_config})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default: INFO)",
+    )
+    parser.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="read the private key's passphrase from this environment variable",
+    )
+    parser.add_argument(
+        "--passphrase-prompt", action="store_true", help="ask for the private key's passphrase"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    return parser.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def read_passphrase(args: argparse.Namespace) -> bytes | None:
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if value is None:
+            raise ConfigError(
+                f"--passphrase-env: environment variable {args.passphrase_env} is not set"
+            )
+        return value.encode()
+    if args.passphrase_prompt:
+        return getpass.getpass("private key passphrase: ").encode()
+    return None
+
+
+def run(
+    args: argparse.Namespace,
+    build: Callable[[bytes | None], ProxyServer],
+    on_reload: Callable[[ProxyServer], None] | None = None,
+) -> int:
+    """Load the config, listen, serve until SIGINT/SIGTERM; map failures to exit codes."""
+    setup_logging(args.log_level)
+    threading.stack_size(THREAD_STACK_SIZE)
+    try:
+        server = build(read_passphrase(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: config error: {exc}\n")
+        return EXIT_CONFIG
+    except OSError as exc:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: cannot listen: {exc.strerror or exc}\n")
+        return EXIT_RUNTIME
+    return serve(server, on_reload)
+
+
+def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) -> int:
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    if on_reload is not None:
+        signal.signal(signal.SIGHUP, lambda _s, _f: on_reload(server))
+    loop = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    loop.start()
+    log.info("listening on %s", format_peer(server.server_address))
+    while not stop.wait(3600):
+        pass
+    server.shutdown()
+    server.server_close()
+    return 0
