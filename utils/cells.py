@@ -45,6 +45,7 @@ _NONCE = struct.Struct(">4xQ")
 # Below this many cells the numpy set-up costs more than a Python loop.
 _VECTOR_THRESHOLD = 8
 _CELL_BASES = np.arange(MAX_CELLS_PER_RECORD, dtype=np.intp) * CELL_SIZE
+_ZEROS = bytes(MAX_CELLS_PER_RECORD * CELL_SIZE)
 
 
 def cell_count(payload_length: int) -> int:
@@ -184,10 +185,10 @@ class PaddingSource:
         key_and_iv = seed if seed is not None else os.urandom(KEY_SIZE + 16)
         cipher = Cipher(algorithms.AES(key_and_iv[:KEY_SIZE]), modes.CTR(key_and_iv[KEY_SIZE:]))
         self._stream = cipher.encryptor()
-        self._zeros = bytes(MAX_CELLS_PER_RECORD * CELL_SIZE)
 
     def take(self, size: int) -> bytes:
-        return self._stream.update(self._zeros[:size])
+        with memoryview(_ZEROS) as zeros:
+            return self._stream.update(zeros[:size])
 
 
 class RecordSealer:
