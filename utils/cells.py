@@ -144,7 +144,7 @@ def unpack_cells(cells: bytes | bytearray | memoryview) -> bytes:
     if not valid:
         raise ChannelError("malformed cell in record")
     windows = _windows(cells)
-    body = windows[_CELL_BASES[: count - 1] + offsets].tobytes()
+    body: bytes = windows[_CELL_BASES[: count - 1] + offsets].tobytes()
     return body + _unpack_one(memoryview(cells)[size - CELL_SIZE :], last=True)
 
 
