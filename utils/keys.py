@@ -1,0 +1,230 @@
+"""RSA key files: load, check, fingerprint, generate and write.
+
+Every failure is a ``ConfigError`` with one line that names the file. No
+message ever contains key material: only paths, sizes and modes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from Crypto import IncorrectPassphraseError, KdfLimitError, PassphraseRequiredError
+from Crypto.PublicKey import RSA
+from Crypto.PublicKey.RSA import RsaKey
+
+from utils.errors import ConfigError
+
+__all__ = [
+    "MIN_BITS",
+    "PROTECTION",
+    "RsaKey",
+    "fingerprint",
+    "fingerprint_bytes",
+    "generate_pair",
+    "load_private_key",
+    "load_public_key",
+    "pair_paths",
+    "write_pair",
+]
+
+#: Smallest accepted RSA modulus, in bits.
+MIN_BITS = 2048
+
+#: PKCS#8 encryption of a private key written with a passphrase (supported by pycryptodome 4.4).
+PROTECTION = "PBKDF2WithHMAC-SHA512AndAES256-CBC"
+
+#: A key pair's name becomes part of two file names: keep it a plain file name.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: Largest key file we read; real RSA PEM files are a few kilobytes.
+_MAX_FILE = 1 << 20
+
+
+def _check_open_file(path: Path, info: os.stat_result, private: bool) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    if private and os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            f"{path}: private key is readable by group/others (mode {mode:04o}); "
+            f"run chmod 600 {path}"
+        )
+
+
+def _read_key_file(path: Path, private: bool) -> bytes:
+    """The bytes of a key file; a private one must not be open to group or others."""
+    try:
+        # O_NONBLOCK: a FIFO planted at the path must not hang us; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        _check_open_file(path, os.fstat(fd), private)  # the file we read, not what path is now
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(_MAX_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > _MAX_FILE:
+        raise ConfigError(f"{path}: too large for a key file")
+    return data
+
+
+def _import(path: Path, data: bytes, passphrase: bytes | None) -> RsaKey:
+    try:
+        return RSA.import_key(data, passphrase)
+    except PassphraseRequiredError:
+        raise ConfigError(f"{path}: private key is encrypted; a passphrase is required") from None
+    except IncorrectPassphraseError:
+        raise ConfigError(f"{path}: wrong passphrase (or the key file is corrupted)") from None
+    except KdfLimitError:
+        raise ConfigError(f"{path}: key encryption asks for too costly a derivation") from None
+    except (ValueError, IndexError, TypeError):
+        raise ConfigError(f"{path}: not an RSA key in PEM format") from None
+
+
+def _check_size(path: Path, key: RsaKey) -> RsaKey:
+    bits = key.size_in_bits()
+    if bits < MIN_BITS:
+        raise ConfigError(f"{path}: RSA key has {bits} bits; at least {MIN_BITS} are required")
+    return key
+
+
+def load_private_key(path: Path, passphrase: bytes | None = None) -> RsaKey:
+    """Load an RSA private key of at least 2048 bits from a file only its owner can read."""
+    key = _import(path, _read_key_file(path, private=True), passphrase)
+    if not key.has_private():
+        raise ConfigError(f"{path}: holds a public key; expected a private key")
+    return _check_size(path, key)
+
+
+def load_public_key(path: Path) -> RsaKey:
+    """Load an RSA public key of at least 2048 bits; a private key here is refused."""
+    data = _read_key_file(path, private=False)
+    try:
+        key = _import(path, data, None)
+    except ConfigError:
+        if b"PRIVATE KEY" in data:  # an encrypted private key fails before we can look at it
+            raise ConfigError(
+                f"{path}: holds a private key; expected a public key (keep private keys secret)"
+            ) from None
+        raise
+    if key.has_private():
+        raise ConfigError(
+            f"{path}: holds a private key; expected a public key (keep private keys secret)"
+        )
+    return _check_size(path, key)
+
+
+def fingerprint_bytes(key: RsaKey) -> bytes:
+    """SHA-256 over the DER SubjectPublicKeyInfo of the public half (32 bytes)."""
+    return hashlib.sha256(key.public_key().export_key(format="DER")).digest()
+
+
+def fingerprint(key: RsaKey) -> str:
+    """The OpenSSH-style text form: ``SHA256:`` and unpadded base64 of ``fingerprint_bytes``."""
+    return "SHA256:" + base64.b64encode(fingerprint_bytes(key)).decode("ascii").rstrip("=")
+
+
+def generate_pair(bits: int) -> RsaKey:
+    """A new RSA private key (e = 65537) of ``bits`` bits, at least 2048."""
+    if bits < MIN_BITS:
+        raise ConfigError(f"key size {bits} bits is too small; at least {MIN_BITS} are required")
+    try:
+        return RSA.generate(bits)
+    except ValueError as exc:
+        raise ConfigError(f"cannot generate a {bits}-bit RSA key: {exc}") from None
+
+
+def pair_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """``(NAME_private.pem, NAME_public.pem)`` inside ``directory``; the name must be plain."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)"
+        )
+    return directory / f"{name}_private.pem", directory / f"{name}_public.pem"
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode``; fail if anything is already there (even a symlink)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have taken bits away; never adds any
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Write a temp file in the same folder with ``mode`` from the start, then rename it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_pair(
+    directory: Path, name: str, key: RsaKey, force: bool, passphrase: bytes | None = None
+) -> tuple[Path, Path]:
+    """Write ``NAME_private.pem`` (PKCS#8, mode 0600) and ``NAME_public.pem`` (mode 0644).
+
+    Without ``force`` nothing is overwritten: if either file exists, nothing is
+    written. With ``force`` each file is replaced atomically. With a passphrase
+    the private key is encrypted (``PROTECTION``). Returns ``(private, public)``.
+    """
+    private_path, public_path = pair_paths(directory, name)
+    if not key.has_private():
+        raise ConfigError(f"{private_path}: cannot write a private key from a public key")
+    if passphrase is not None and not passphrase:
+        raise ConfigError(f"{private_path}: the passphrase is empty")
+    if not force:
+        for path in (private_path, public_path):
+            if path.exists() or path.is_symlink():
+                raise ConfigError(f"{path}: already exists; use --force to overwrite")
+    protection = PROTECTION if passphrase is not None else None
+    private_pem = key.export_key(format="PEM", pkcs=8, passphrase=passphrase, protection=protection)
+    public_pem = key.public_key().export_key(format="PEM")
+    write = _replace if force else _write_new
+    for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+        try:
+            write(path, data + b"\n", mode)
+        except FileExistsError:
+            _undo(private_path, path, force)
+            raise ConfigError(f"{path}: already exists; use --force to overwrite") from None
+        except OSError as exc:
+            _undo(private_path, path, force)
+            raise ConfigError(f"{path}: cannot write: {exc.strerror}") from None
+    return private_path, public_path
+
+
+def _undo(private_path: Path, failed: Path, force: bool) -> None:
+    """After the public file failed, do not leave a private key without its pair behind."""
+    if not force and failed != private_path:
+        private_path.unlink(missing_ok=True)
