@@ -18,6 +18,7 @@ import socketserver
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,21 +157,36 @@ class Relay:
 
 @dataclass
 class AccessRecord:
-    """One line of the access log: who, where to, how much, how long, how it ended."""
+    """One line of the access log: who, where to, how much, how long, how it ended.
+
+    ``up`` is towards the destination, ``down`` towards the client, on both programs.
+    """
 
     client: str
     target: str = "-"
     identity: str = ""
-    sent: int = 0
-    received: int = 0
     outcome: str = "ok"
     started: float = field(default_factory=time.monotonic)
+    relay: Relay | None = None
+    plain_is_client: bool = True
+
+    @property
+    def up(self) -> int:
+        if self.relay is None:
+            return 0
+        return self.relay.to_channel if self.plain_is_client else self.relay.to_plain
+
+    @property
+    def down(self) -> int:
+        if self.relay is None:
+            return 0
+        return self.relay.to_plain if self.plain_is_client else self.relay.to_channel
 
     def line(self) -> str:
         who = f"{self.client} ({self.identity})" if self.identity else self.client
         seconds = time.monotonic() - self.started
         return (
-            f"{who} -> {self.target} up={self.sent} down={self.received} "
+            f"{who} -> {self.target} up={self.up} down={self.down} "
             f"time={seconds:.3f}s outcome={self.outcome}"
         )
 
@@ -178,14 +194,18 @@ class AccessRecord:
 class TunnelHandler(socketserver.BaseRequestHandler):
     """The common handler: subclasses set up one tunnel in ``serve``, then call ``relay``."""
 
+    server: ProxyServer
     idle_timeout: float = 300.0
     plain_is_client = True  # the local relays for the client; the server for the destination
 
     def handle(self) -> None:
         set_nodelay(self.request)
-        record = AccessRecord(format_peer(self.client_address))
+        record = AccessRecord(
+            format_peer(self.client_address), plain_is_client=self.plain_is_client
+        )
         try:
-            self.serve(record)
+            with self.server.tracking(record):
+                self.serve(record)
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
         finally:
@@ -198,13 +218,11 @@ class TunnelHandler(socketserver.BaseRequestHandler):
         self, plain: socket.socket, channel: Channel, record: AccessRecord, pending: bytes = b""
     ) -> None:
         """Relay until both directions end, then close both sockets (a reset if aborted)."""
-        relay = Relay(plain, channel, self.idle_timeout)
+        record.relay = Relay(plain, channel, self.idle_timeout)
         try:
-            failure = relay.run(pending)
+            failure = record.relay.run(pending)
         finally:
             channel.sock.close()
-        up, down = relay.to_channel, relay.to_plain
-        record.sent, record.received = (up, down) if self.plain_is_client else (down, up)
         if failure is None:
             plain.close()
         else:
@@ -231,6 +249,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.whitelist = whitelist
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._live: dict[int, AccessRecord] = {}
+        self._live_lock = threading.Lock()
         super().__init__(address, handler)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -260,6 +280,26 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    @contextlib.contextmanager
+    def tracking(self, record: AccessRecord) -> Iterator[None]:
+        """Keep ``record`` in the live table while its connection is served."""
+        with self._live_lock:
+            self._live[id(record)] = record
+        try:
+            yield
+        finally:
+            with self._live_lock:
+                del self._live[id(record)]
+
+    def summary(self) -> list[str]:
+        """One line per live connection, then a total (for SIGUSR1)."""
+        with self._live_lock:
+            records = list(self._live.values())
+        lines = [f"live: {record.line()}" for record in records]
+        up, down = sum(r.up for r in records), sum(r.down for r in records)
+        lines.append(f"{len(records)} live connection(s), up={up} down={down} bytes")
+        return lines
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error with %s", format_peer(client_address))

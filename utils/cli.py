@@ -94,6 +94,11 @@ def run(
     return serve(server, on_reload)
 
 
+def _log_summary(server: ProxyServer) -> None:
+    for line in server.summary():
+        log.info("%s", line)
+
+
 def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) -> int:
     stop = threading.Event()
 
@@ -105,6 +110,7 @@ def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) 
     signal.signal(signal.SIGTERM, request_stop)
     if on_reload is not None:
         signal.signal(signal.SIGHUP, lambda _s, _f: on_reload(server))
+    signal.signal(signal.SIGUSR1, lambda _s, _f: _log_summary(server))
     loop = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     loop.start()
     log.info("listening on %s", format_peer(server.server_address))
