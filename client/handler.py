@@ -10,6 +10,13 @@ from utils.base import AccessRecord, ProxyServer, TunnelHandler
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig
 from utils.errors import AuthenticationError, Socks5Error
+from utils.httpconnect import (
+    HttpProxyError,
+    looks_like_http,
+    parse_head,
+    response,
+    response_for_reply,
+)
 from utils.socks5 import (
     CMD_CONNECT,
     METHOD_NO_ACCEPTABLE,
@@ -47,28 +54,57 @@ class LocalHandler(TunnelHandler):
         self.idle_timeout = config.timeouts.idle
         client: socket.socket = self.request
         deadline = Deadline(config.timeouts.handshake)
-        try:
-            request, pending = self._negotiate(client, deadline)
-        except Socks5Error as exc:
-            if exc.reply is not None:
-                client.sendall(build_reply(exc.reply))
-            raise
+        http = looks_like_http(recv_some(client, deadline, 1, socket.MSG_PEEK)[0])
+        request, pending = self._greet(client, deadline, http)
         record.target = str(request.address)
         if request.command != CMD_CONNECT:
             client.sendall(build_reply(Reply.COMMAND_NOT_SUPPORTED))
             record.outcome = Reply.COMMAND_NOT_SUPPORTED.name.lower()
             return
+        answer = _http_answer if http else _socks_answer
         try:
             channel, reply, bind = self.server.connector.open(request, deadline)
         except BaseException:
-            client.sendall(build_reply(Reply.GENERAL_FAILURE))
+            client.sendall(answer(Reply.GENERAL_FAILURE, None))
             raise
-        client.sendall(build_reply(reply, bind))
+        client.sendall(answer(reply, bind))
         if reply != Reply.SUCCEEDED:
             channel.sock.close()
             record.outcome = reply.name.lower()
             return
         self.relay(client, channel, record, pending)
+
+    def _greet(
+        self, client: socket.socket, deadline: Deadline, http: bool
+    ) -> tuple[Request, bytes]:
+        """Negotiate in the client's protocol; answer its errors in that protocol."""
+        try:
+            if http:
+                return self._negotiate_http(client, deadline)
+            return self._negotiate(client, deadline)
+        except Socks5Error as exc:
+            if exc.reply is not None:
+                client.sendall(build_reply(exc.reply))
+            raise
+        except HttpProxyError as exc:
+            client.sendall(response(exc.status, exc.reason, ask_for_auth=exc.status == 407))
+            raise
+
+    def _negotiate_http(self, client: socket.socket, deadline: Deadline) -> tuple[Request, bytes]:
+        config = self.server.config
+        buffer = b""
+        while (parsed := parse_head(buffer)) is None:
+            buffer += recv_some(client, deadline)
+        connect, used = parsed
+        if config.auth and not self._credentials_ok(connect.credentials):
+            raise HttpProxyError(407, "Proxy Authentication Required", "wrong or no credentials")
+        return Request(CMD_CONNECT, connect.address), buffer[used:]
+
+    def _credentials_ok(self, credentials: tuple[bytes, bytes] | None) -> bool:
+        config = self.server.config
+        user, password = credentials or (b"", b"")
+        expected = config.username.encode(), config.password.encode()
+        return credentials is not None and credentials_match(*expected, user, password)
 
     def _negotiate(self, client: socket.socket, deadline: Deadline) -> tuple[Request, bytes]:
         """RFC 1928 method selection, RFC 1929 if configured, then the request."""
@@ -97,4 +133,9 @@ class LocalHandler(TunnelHandler):
                 return event.request, connection.trailing_data()
 
 
-__all__ = ["Address", "LocalHandler", "LocalServer"]
+def _socks_answer(reply: Reply, bind: Address | None) -> bytes:
+    return build_reply(reply, bind)
+
+
+def _http_answer(reply: Reply, _bind: Address | None) -> bytes:
+    return response_for_reply(reply)

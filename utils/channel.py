@@ -31,10 +31,10 @@ class Deadline:
         sock.settimeout(self.remaining())
 
 
-def recv_some(sock: socket.socket, deadline: Deadline, size: int = 4096) -> bytes:
+def recv_some(sock: socket.socket, deadline: Deadline, size: int = 4096, flags: int = 0) -> bytes:
     """One recv bounded by ``deadline``; EOF is an error in a phase that needs more bytes."""
     deadline.arm(sock)
-    data = sock.recv(size)
+    data = sock.recv(size, flags)
     if not data:
         raise ConnectionError("peer closed the connection")
     return data

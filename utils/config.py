@@ -177,6 +177,7 @@ _SERVER_FIELDS = _COMMON_FIELDS | {
     "server_private_key",
     "destination_allow",
     "destination_deny",
+    "block_private_destinations",
 }
 _LOCAL_FIELDS = (
     _COMMON_FIELDS
@@ -559,12 +560,27 @@ def _authorized_keys(f: _Fields) -> tuple[AuthorizedKey, ...]:
     return tuple(result)
 
 
+# What a server exposed to the internet should never let clients reach (SSRF): its own
+# loopback, the private networks behind it, link-local (cloud metadata at 169.254.169.254),
+# carrier-grade NAT, multicast and reserved space. ``block_private_destinations`` adds them.
+PRIVATE_DESTINATIONS = tuple(
+    DestinationRule(ipaddress.ip_network(block), 0, 65535)
+    for block in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4",
+        "240.0.0.0/4", "::/128", "::1/128", "64:ff9b::/96", "fc00::/7", "fe80::/10", "ff00::/8",
+    )
+)  # fmt: skip
+
+
 def load_server_config(path: Path, passphrase: bytes | None = None) -> ServerConfig:
     """Read and check ``server_config.json``; ``passphrase`` decrypts the server private key."""
     f = _open(path, _SERVER_FIELDS)
     address, port = _host(f, "server_address"), _port(f, "server_port")
     whitelist = _whitelist(f, "whitelist")
     allow, deny = _rules(f, "destination_allow"), _rules(f, "destination_deny")
+    if _bool(f, "block_private_destinations", False):
+        deny += PRIVATE_DESTINATIONS
     timeouts, max_connections, lifetime = _common(f)
     authorized = _authorized_keys(f)
     private_key = _private_key(f, "server_private_key", passphrase)
