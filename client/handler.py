@@ -6,6 +6,7 @@ import logging
 import socket
 
 from client.tunnel import Connector
+from client.udp import LocalAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig
@@ -19,6 +20,7 @@ from utils.httpconnect import (
 )
 from utils.socks5 import (
     CMD_CONNECT,
+    CMD_UDP_ASSOCIATE,
     METHOD_NO_ACCEPTABLE,
     Address,
     Credentials,
@@ -33,6 +35,7 @@ from utils.socks5 import (
     credentials_match,
     method_selection,
 )
+from utils.udp import plain_ip
 
 log = logging.getLogger("sockproxy.local")
 
@@ -57,6 +60,9 @@ class LocalHandler(TunnelHandler):
         http = looks_like_http(recv_some(client, deadline, 1, socket.MSG_PEEK)[0])
         request, pending = self._greet(client, deadline, http)
         record.target = str(request.address)
+        if request.command == CMD_UDP_ASSOCIATE:
+            self._associate(client, request, deadline, record)
+            return
         if request.command != CMD_CONNECT:
             client.sendall(build_reply(Reply.COMMAND_NOT_SUPPORTED))
             record.outcome = Reply.COMMAND_NOT_SUPPORTED.name.lower()
@@ -73,6 +79,39 @@ class LocalHandler(TunnelHandler):
             record.outcome = reply.name.lower()
             return
         self.relay(client, channel, record, pending)
+
+    def _associate(
+        self, client: socket.socket, request: Request, deadline: Deadline, record: AccessRecord
+    ) -> None:
+        """UDP ASSOCIATE: a relay port next to our TCP address, datagrams through the channel."""
+        host = plain_ip(client.getsockname()[0])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        relay_socket = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            relay_socket.bind((host, 0))
+            channel, reply, _ = self.server.connector.open(request, deadline)
+        except BaseException:
+            relay_socket.close()
+            client.sendall(build_reply(Reply.GENERAL_FAILURE))
+            raise
+        if reply != Reply.SUCCEEDED:
+            relay_socket.close()
+            channel.sock.close()
+            client.sendall(build_reply(reply))
+            record.outcome = reply.name.lower()
+            return
+        client.sendall(build_reply(Reply.SUCCEEDED, Address(host, relay_socket.getsockname()[1])))
+        association = LocalAssociation(
+            client,
+            relay_socket,
+            channel,
+            client=(self.client_address[0], request.address.port),
+            idle_timeout=self.idle_timeout,
+        )
+        record.relay = association
+        failure = association.serve()
+        if failure is not None:
+            record.outcome = f"aborted: {failure}"
 
     def _greet(
         self, client: socket.socket, deadline: Deadline, http: bool

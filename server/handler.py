@@ -7,12 +7,14 @@ import logging
 import socket
 import threading
 
+from server.udp import ExitAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler, set_nodelay
 from utils.channel import Channel, Deadline, server_handshake
 from utils.config import AuthorizedKey, ServerConfig
 from utils.handshake import AuthorizedPeer, ServerHandshake, TicketStore
 from utils.socks5 import (
     CMD_CONNECT,
+    CMD_UDP_ASSOCIATE,
     Address,
     Reply,
     Request,
@@ -61,6 +63,9 @@ class ExitHandler(TunnelHandler):
         try:
             request = decode_tunnel_request(channel.receive_message(deadline))
             record.target = str(request.address)
+            if request.command == CMD_UDP_ASSOCIATE:
+                self._associate(channel, record)
+                return
             target, reply = self._connect(request)
         except BaseException:
             channel.sock.close()
@@ -73,6 +78,14 @@ class ExitHandler(TunnelHandler):
         host, port = target.getsockname()[:2]
         channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
         self.relay(target, channel, record)
+
+    def _associate(self, channel: Channel, record: AccessRecord) -> None:
+        channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
+        association = ExitAssociation(channel, self.server.config)
+        record.relay = association
+        failure = association.serve()
+        if failure is not None:
+            record.outcome = f"aborted: {failure}"
 
     @staticmethod
     def _refuse(channel: Channel, reply: Reply) -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import Channel
@@ -70,6 +70,13 @@ def describe(exc: BaseException) -> str:
 def format_peer(address: Any) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ByteCounters(Protocol):
+    """What the access log reads: bytes sent into the channel and out to the plain side."""
+
+    to_channel: int
+    to_plain: int
 
 
 class _Aborted(Exception):
@@ -167,7 +174,7 @@ class AccessRecord:
     identity: str = ""
     outcome: str = "ok"
     started: float = field(default_factory=time.monotonic)
-    relay: Relay | None = None
+    relay: ByteCounters | None = None
     plain_is_client: bool = True
 
     @property
@@ -218,9 +225,9 @@ class TunnelHandler(socketserver.BaseRequestHandler):
         self, plain: socket.socket, channel: Channel, record: AccessRecord, pending: bytes = b""
     ) -> None:
         """Relay until both directions end, then close both sockets (a reset if aborted)."""
-        record.relay = Relay(plain, channel, self.idle_timeout)
+        relay = record.relay = Relay(plain, channel, self.idle_timeout)
         try:
-            failure = record.relay.run(pending)
+            failure = relay.run(pending)
         finally:
             channel.sock.close()
         if failure is None:
@@ -252,6 +259,13 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._live: dict[int, AccessRecord] = {}
         self._live_lock = threading.Lock()
         super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # "::" then takes IPv4 clients too (as ::ffff:a.b.c.d; the whitelist unmaps them).
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Refuse before reading a byte: strangers first, then a full house."""

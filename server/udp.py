@@ -1,0 +1,102 @@
+"""The server's half of UDP ASSOCIATE: the channel <-> datagrams to and from destinations."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+
+from utils.association import POLL_INTERVAL, Association
+from utils.channel import Channel
+from utils.config import ServerConfig
+from utils.socks5 import Address
+from utils.udp import MAX_DATAGRAM, DatagramDecoder, encode_channel_datagram, plain_ip
+
+log = logging.getLogger("sockproxy.udp")
+
+
+def open_udp_socket() -> socket.socket:
+    """A dual-stack socket (IPv4 through mapped addresses), or IPv4 only where v6 is off."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", 0))
+        return sock
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    return sock
+
+
+class ExitAssociation(Association):
+    """Sends the local's datagrams to their destinations and returns the answers.
+
+    Like a NAT with address-and-port-restricted filtering: only datagrams from a
+    destination this association has sent to come back.
+    """
+
+    def __init__(self, channel: Channel, config: ServerConfig) -> None:
+        super().__init__(channel, config.timeouts.idle)
+        self._config = config
+        self._udp = open_udp_socket()
+        self._peers: set[tuple[str, int]] = set()
+
+    def serve(self) -> str | None:
+        self._udp.settimeout(POLL_INTERVAL)
+        try:
+            return self.run(self._uplink, self._downlink)
+        finally:
+            self._udp.close()
+
+    def _uplink(self) -> None:
+        decoder = DatagramDecoder()
+        while not self.stopping:
+            payloads = self.receive_datagrams()
+            if payloads is None:
+                return
+            for payload in payloads:
+                for destination, data in decoder.feed(payload):
+                    self._send(destination, data)
+
+    def _send(self, destination: Address, data: bytes) -> None:
+        target = self._resolve(destination)
+        if target is None:
+            return
+        with contextlib.suppress(OSError):  # one unreachable destination must not end it all
+            self._udp.sendto(data, self._socket_address(target))
+            self._peers.add(target)
+            self.to_plain += len(data)
+            self.touch()
+
+    def _resolve(self, destination: Address) -> tuple[str, int] | None:
+        """The destination's address if the rules allow it (names resolved here first)."""
+        try:
+            infos = socket.getaddrinfo(destination.host, destination.port, type=socket.SOCK_DGRAM)
+        except OSError:
+            log.debug("dropped a datagram to %s: does not resolve", destination)
+            return None
+        for info in infos:
+            host = plain_ip(str(info[4][0]))
+            if self._config.destination_allowed(ipaddress.ip_address(host), destination.port):
+                return host, destination.port
+        log.warning("datagram to %s denied by the rules", destination)
+        return None
+
+    def _socket_address(self, target: tuple[str, int]) -> tuple[str, int]:
+        if self._udp.family == socket.AF_INET6 and ":" not in target[0]:
+            return f"::ffff:{target[0]}", target[1]
+        return target
+
+    def _downlink(self) -> None:
+        while not self.stopping:
+            try:
+                data, source = self._udp.recvfrom(MAX_DATAGRAM)
+            except TimeoutError:
+                continue
+            peer = plain_ip(source[0]), source[1]
+            if peer not in self._peers:
+                continue
+            self.channel.send(encode_channel_datagram(Address(*peer), data))
+            self.to_channel += len(data)
+            self.touch()

@@ -1,0 +1,75 @@
+"""The threaded skeleton both sides of a UDP association share (the codec is utils/udp.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from utils.base import describe, quietly_shutdown
+from utils.channel import Channel
+from utils.errors import SockproxyError
+
+POLL_INTERVAL = 0.5  # how often blocked threads look at the stop flag
+
+
+class Association:
+    """Workers move datagrams until one side ends, the association idles out or fails."""
+
+    def __init__(self, channel: Channel, idle_timeout: float) -> None:
+        self.channel = channel
+        self.idle_timeout = idle_timeout
+        self.to_channel = 0
+        self.to_plain = 0
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._last_activity = time.monotonic()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def touch(self) -> None:
+        self._last_activity = time.monotonic()
+
+    def check_idle(self) -> None:
+        if time.monotonic() - self._last_activity >= self.idle_timeout:
+            raise TimeoutError("idle timeout")
+
+    def run(self, main: Callable[[], None], *workers: Callable[[], None]) -> str | None:
+        """Run ``workers`` in threads and ``main`` here; when any returns, stop them all."""
+        self.channel.sock.settimeout(POLL_INTERVAL)
+        threads = [threading.Thread(target=self._guard, args=(w,), daemon=True) for w in workers]
+        for thread in threads:
+            thread.start()
+        self._guard(main)
+        for thread in threads:
+            thread.join()
+        with contextlib.suppress(OSError, SockproxyError):
+            self.channel.send_end()
+        quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
+        self.channel.sock.close()
+        return self.failure
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except (OSError, SockproxyError) as exc:
+            if not self.stopping:
+                self.failure = describe(exc)
+        finally:
+            self._stop.set()
+
+    def receive_datagrams(self) -> list[bytes] | None:
+        """Channel payloads; [] on a quiet poll, None once the peer has ended the channel."""
+        try:
+            payloads = self.channel.receive()
+        except TimeoutError:
+            self.check_idle()
+            return []
+        if not payloads:
+            return None
+        self.touch()
+        return payloads
