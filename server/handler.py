@@ -11,7 +11,12 @@ from server.udp import ExitAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler, set_nodelay
 from utils.channel import Channel, Deadline, server_handshake
 from utils.config import AuthorizedKey, ServerConfig
-from utils.handshake import AuthorizedPeer, ServerHandshake, TicketStore
+from utils.handshake import (
+    PRIVATE_KEY_OPERATIONS,
+    AuthorizedPeer,
+    ServerHandshake,
+    TicketStore,
+)
 from utils.socks5 import (
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
@@ -38,6 +43,11 @@ class ExitServer(ProxyServer):
         super().__init__(
             (config.address, config.port), ExitHandler, config.whitelist, config.max_connections
         )
+
+    def summary(self) -> list[str]:
+        lines = super().summary()
+        lines.append(f"rsa private-key operations so far: {PRIVATE_KEY_OPERATIONS.value}")
+        return lines
 
     def set_authorized_keys(self, keys: tuple[AuthorizedKey, ...]) -> None:
         """Swap in a new key list; tickets of keys that are gone stop working at once."""

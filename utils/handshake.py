@@ -170,7 +170,24 @@ def _expect(message: Message, wanted: int, size: int) -> bytes:
 # ----------------------------------------------------------------------------- crypto helpers
 
 
+class _Counter:
+    """A thread-safe count, for the SIGUSR1 summary and the tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+# Every RSA private-key operation this process has done (signatures and decryptions).
+PRIVATE_KEY_OPERATIONS = _Counter()
+
+
 def _sign(key: RsaKey, label: bytes, transcript: bytes, rng: Random) -> bytes:
+    PRIVATE_KEY_OPERATIONS.add()
     return bytes(pss.new(key, rand_func=rng).sign(SHA256.new(label + transcript)))
 
 
@@ -187,6 +204,7 @@ def _seal_share(key: RsaKey, label: bytes, share: bytes, rng: Random) -> bytes:
 
 
 def _open_share(key: RsaKey, label: bytes, sealed: bytes) -> bytes:
+    PRIVATE_KEY_OPERATIONS.add()
     try:
         share = PKCS1_OAEP.new(key, hashAlgo=SHA256, label=label).decrypt(sealed)
     except (ValueError, TypeError):
