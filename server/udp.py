@@ -63,9 +63,9 @@ class ExitAssociation(Association):
         target = self._resolve(destination)
         if target is None:
             return
+        self._peers.add(target)  # before sending: the answer may be back before sendto returns
         with contextlib.suppress(OSError):  # one unreachable destination must not end it all
             self._udp.sendto(data, self._socket_address(target))
-            self._peers.add(target)
             self.to_plain += len(data)
             self.touch()
 
