@@ -11,6 +11,7 @@ from collections.abc import Callable
 from utils.base import describe, quietly_shutdown
 from utils.channel import Channel
 from utils.errors import SockproxyError
+from utils.workers import Completion
 
 POLL_INTERVAL = 0.5  # how often blocked threads look at the stop flag
 
@@ -41,12 +42,10 @@ class Association:
     def run(self, main: Callable[[], None], *workers: Callable[[], None]) -> str | None:
         """Run ``workers`` in threads and ``main`` here; when any returns, stop them all."""
         self.channel.sock.settimeout(POLL_INTERVAL)
-        threads = [threading.Thread(target=self._guard, args=(w,), daemon=True) for w in workers]
-        for thread in threads:
-            thread.start()
+        tasks = [Completion(self._guard, work) for work in workers]
         self._guard(main)
-        for thread in threads:
-            thread.join()
+        for task in tasks:
+            task.join()
         with contextlib.suppress(OSError, SockproxyError):
             self.channel.send_end()
         quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)

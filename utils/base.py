@@ -26,6 +26,7 @@ from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import Channel
 from utils.config import Whitelist
 from utils.errors import SockproxyError
+from utils.workers import WORKERS, Completion
 
 log = logging.getLogger("sockproxy")
 access_log = logging.getLogger("sockproxy.access")
@@ -100,8 +101,7 @@ class Relay:
         """Relay until done; return None on a clean end, else the reason it failed."""
         self.plain.settimeout(self.idle_timeout)
         self.channel.sock.settimeout(self.idle_timeout)
-        upstream = threading.Thread(target=self._guard, args=(self._pump_up, pending), daemon=True)
-        upstream.start()
+        upstream = Completion(self._guard, self._pump_up, pending)
         self._guard(self._pump_down)
         upstream.join()
         return self.failure
@@ -282,8 +282,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve each connection on a pooled worker thread (ThreadingMixIn starts a new one)."""
         try:
-            super().process_request(request, client_address)
+            WORKERS.submit(self.process_request_thread, request, client_address)
         except RuntimeError:  # no thread could be started: shed this one connection
             log.error("refused %s: cannot start a thread", format_peer(client_address))
             self._slots.release()

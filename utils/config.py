@@ -14,6 +14,7 @@ password or key material.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import math
@@ -64,13 +65,18 @@ class Whitelist:
 
     def allows(self, ip: str) -> bool:
         """Whether a peer address string (possibly scoped or IPv4-mapped) may connect."""
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if self.any:
-            return True
-        return any(a in net for a in _unmapped(address) for net in self.networks)
+        return _whitelisted(self.networks, self.any, ip)
+
+
+@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the rest of accept()
+def _whitelisted(networks: tuple[IPNetwork, ...], any_address: bool, ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if any_address:
+        return True
+    return any(a in net for a in _unmapped(address) for net in networks)
 
 
 @dataclass(frozen=True)
