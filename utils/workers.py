@@ -18,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger("sockproxy")
 
-Task = tuple[Callable[..., None], tuple[Any, ...]]
+Task = tuple[Callable[..., object], tuple[Any, ...]]
 
 
 class WorkerPool:
@@ -31,7 +31,7 @@ class WorkerPool:
         self._idle = 0  # workers waiting, minus tasks already queued for them
         self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
 
-    def submit(self, function: Callable[..., None], *args: Any) -> None:
+    def submit(self, function: Callable[..., object], *args: Any) -> None:
         with self._lock:
             if self._idle > 0:
                 self._idle -= 1
@@ -71,11 +71,11 @@ WORKERS = WorkerPool()
 class Completion:
     """Run a task on the pool and wait for it, like Thread.start() and join()."""
 
-    def __init__(self, function: Callable[..., None], *args: Any) -> None:
+    def __init__(self, function: Callable[..., object], *args: Any) -> None:
         self._done = threading.Event()
         WORKERS.submit(self._run, function, args)
 
-    def _run(self, function: Callable[..., None], args: tuple[Any, ...]) -> None:
+    def _run(self, function: Callable[..., object], args: tuple[Any, ...]) -> None:
         try:
             function(*args)
         finally:

@@ -1,0 +1,84 @@
+"""The reusable worker pool: every task runs, none waits for a busy worker, idle ones expire."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from utils.workers import Completion, WorkerPool
+
+
+def test_tasks_that_wait_for_each_other_never_deadlock() -> None:
+    """A relay's two directions block on each other: the pool must run both at once."""
+    pool = WorkerPool(keep_idle=1.0, max_idle=2)
+    done = threading.Barrier(51, timeout=10)
+    for _ in range(50):
+        pool.submit(done.wait)
+    done.wait()  # only passes if all 50 tasks run concurrently
+
+
+def test_idle_workers_are_reused() -> None:
+    pool = WorkerPool(keep_idle=5.0, max_idle=4)
+    names: list[str] = []
+    for _ in range(20):
+        finished = threading.Event()
+
+        def record(event: threading.Event = finished) -> None:
+            names.append(threading.current_thread().name)
+            event.set()
+
+        pool.submit(record)
+        assert finished.wait(5)
+        time.sleep(0.01)  # let the worker get back to waiting
+    assert len(set(names)) == 1
+
+
+def test_idle_workers_expire_and_are_capped() -> None:
+    pool = WorkerPool(keep_idle=0.3, max_idle=3)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(5)
+
+    before = threading.active_count()
+    for _ in range(10):
+        pool.submit(hold)
+    for _ in range(10):
+        assert started.acquire(timeout=5)
+    assert threading.active_count() >= before + 10
+    release.set()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before + 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() <= before + 3  # at most max_idle stay...
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before  # ...and they leave after keep_idle
+
+
+def test_a_failing_task_does_not_kill_the_worker() -> None:
+    pool = WorkerPool(keep_idle=5.0, max_idle=1)
+    ran = threading.Event()
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    pool.submit(fail)
+    time.sleep(0.05)
+    pool.submit(ran.set)
+    assert ran.wait(5)
+
+
+def test_completion_joins() -> None:
+    result: list[int] = []
+
+    def slow() -> None:
+        time.sleep(0.05)
+        result.append(1)
+
+    task = Completion(slow)
+    task.join()
+    assert result == [1]
