@@ -333,7 +333,7 @@ NAME_TOO_LONG = ".".join(["a" * 63] * 4)  # 255 characters: glibc refuses before
             id="label-of-64",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="BUG: server/handler.py ExitHandler._connect (line 105 at 65ab193) "
+                reason="BUG: server/handler.py ExitHandler._connect (line 115 at 561529e) "
                 "catches only OSError around socket.getaddrinfo; Python's idna codec raises "
                 "UnicodeError for a label over 63 characters, which escapes serve() (logged "
                 "as 'unexpected error' with a traceback, access line outcome=ok) and the "
