@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import hmac
 import ipaddress
 import socket
@@ -61,6 +62,7 @@ class Reply(enum.IntEnum):
 _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=1024)  # ipaddress parsing is slow; every connection parses a few
 def _parse_ip(host: str) -> _IPAddress | None:
     """The IP address ``host`` spells, or None for a domain name."""
     try:
