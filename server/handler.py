@@ -8,9 +8,10 @@ import socket
 import threading
 
 from server.udp import ExitAssociation
-from utils.base import AccessRecord, ProxyServer, TunnelHandler, set_nodelay
+from utils.base import AccessRecord, ProxyServer, TunnelHandler, describe, set_nodelay
 from utils.channel import Channel, Deadline, server_handshake
 from utils.config import AuthorizedKey, ServerConfig
+from utils.errors import SockproxyError
 from utils.handshake import (
     PRIVATE_KEY_OPERATIONS,
     AuthorizedPeer,
@@ -68,7 +69,12 @@ class ExitHandler(TunnelHandler):
         self.idle_timeout = config.timeouts.idle
         deadline = Deadline(config.timeouts.handshake)
         handshake = ServerHandshake(config.private_key, self.server.authorized, self.server.tickets)
-        channel = server_handshake(self.request, handshake, deadline)
+        try:
+            channel = server_handshake(self.request, handshake, deadline)
+        except (OSError, SockproxyError) as exc:
+            # Quiet towards the peer (we just close), explicit in our log.
+            log.warning("handshake from %s failed: %s", record.client, describe(exc))
+            raise
         record.identity = handshake.peer_name + (" resumed" if handshake.resumed else "")
         try:
             request = decode_tunnel_request(channel.receive_message(deadline))
@@ -113,6 +119,8 @@ class ExitHandler(TunnelHandler):
         address = request.address
         try:
             candidates = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except UnicodeError:  # the idna codec refuses the name (e.g. a label over 63 bytes)
+            return None, Reply.HOST_UNREACHABLE
         except OSError as exc:
             return None, reply_for_error(exc)
         allowed = [

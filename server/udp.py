@@ -73,7 +73,7 @@ class ExitAssociation(Association):
         """The destination's address if the rules allow it (names resolved here first)."""
         try:
             infos = socket.getaddrinfo(destination.host, destination.port, type=socket.SOCK_DGRAM)
-        except OSError:
+        except (OSError, UnicodeError):
             log.debug("dropped a datagram to %s: does not resolve", destination)
             return None
         for info in infos:

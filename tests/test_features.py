@@ -266,9 +266,14 @@ def test_authorized_keys_name_who_connected(
         result = run_curl("--socks5", f"127.0.0.1:{local.port}", url)
         assert result.returncode == 0, result.stderr
         assert result.stdout == data_files.small
-    lines = access_lines(server.stderr())
-    assert any("(alice)" in line for line in lines), lines
-    assert any("(other_public)" in line for line in lines), lines
+
+    def both_named() -> bool:
+        lines = access_lines(server.stderr())  # written as each connection ends
+        return any("(alice)" in line for line in lines) and any(
+            "(other_public)" in line for line in lines
+        )
+
+    assert wait_for(both_named, timeout=10), server.stderr()
 
 
 # --------------------------------------------------------------------------- destination rules

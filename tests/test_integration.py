@@ -328,18 +328,7 @@ NAME_TOO_LONG = ".".join(["a" * 63] * 4)  # 255 characters: glibc refuses before
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            LABEL_TOO_LONG,
-            id="label-of-64",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: server/handler.py ExitHandler._connect (line 115 at 561529e) "
-                "catches only OSError around socket.getaddrinfo; Python's idna codec raises "
-                "UnicodeError for a label over 63 characters, which escapes serve() (logged "
-                "as 'unexpected error' with a traceback, access line outcome=ok) and the "
-                "client gets 0x01 instead of 0x04",
-            ),
-        ),
+        pytest.param(LABEL_TOO_LONG, id="label-of-64"),
         pytest.param(NAME_TOO_LONG, id="name-of-255"),
     ],
 )
