@@ -144,29 +144,39 @@ class Connector:
             raise
 
     def _handshake(self, server: ServerState, deadline: Deadline) -> Channel:
+        """Resume if we hold a ticket; else (or if the server refuses it) a full handshake.
+
+        A server that cannot be reached fails at once (for failover); only a server that
+        answers and then closes on our ticket makes us forget it and start over.
+        """
         ticket = server.tickets.current()
         if ticket is not None:
+            sock = self._connect(server.endpoint, deadline)
             try:
-                return self._attempt(server, ticket, deadline)
+                return self._run(server, sock, ticket, deadline)
             except (OSError, ProtocolError) as exc:
-                # The server closes on a ticket it does not know (e.g. after a restart).
                 server.tickets.forget(ticket)
                 log.info(
                     "resumption with %s failed (%s); full handshake", server.name, describe(exc)
                 )
         with server.tickets.full_handshake_turn(deadline) as fresh:
             if fresh is None:
-                return self._attempt(server, None, deadline)
-        return self._attempt(server, fresh, deadline)
+                return self._run(server, self._connect(server.endpoint, deadline), None, deadline)
+        return self._run(server, self._connect(server.endpoint, deadline), fresh, deadline)
 
-    def _attempt(self, server: ServerState, ticket: Ticket | None, deadline: Deadline) -> Channel:
-        endpoint = server.endpoint
+    def _connect(self, endpoint: ServerEndpoint, deadline: Deadline) -> socket.socket:
         timeout = min(self._connect_timeout, deadline.remaining())
         sock = socket.create_connection((endpoint.address, endpoint.port), timeout=timeout)
+        set_nodelay(sock)
+        return sock
+
+    def _run(
+        self, server: ServerState, sock: socket.socket, ticket: Ticket | None, deadline: Deadline
+    ) -> Channel:
+        """The handshake on a fresh connection; the socket is closed if it fails."""
         try:
-            set_nodelay(sock)
             handshake = ClientHandshake(
-                self._identity, endpoint.public_key, ticket, ticket_lifetime=self._lifetime
+                self._identity, server.endpoint.public_key, ticket, ticket_lifetime=self._lifetime
             )
             channel = client_handshake(sock, handshake, deadline)
         except BaseException:
