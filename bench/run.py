@@ -228,8 +228,34 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def listening_ports() -> set[int] | None:
+    """Ports in LISTEN state (from /proc/net/tcp*), or None where /proc cannot tell."""
+    ports: set[int] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    except (OSError, IndexError, ValueError):
+        return None
+    return ports
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(port: int, procs: Iterable[Proc], timeout: float = READY_TIMEOUT) -> None:
-    """Until 127.0.0.1:``port`` accepts; fail early if one of ``procs`` exits."""
+    """Until 127.0.0.1:``port`` listens; fail early if one of ``procs`` exits.
+
+    It looks at /proc/net/tcp rather than connecting, so that no proxy logs a probe as a
+    failed handshake; it connects only where /proc cannot tell.
+    """
     deadline = time.monotonic() + timeout
     while True:
         for proc in procs:
@@ -238,13 +264,12 @@ def wait_for_port(port: int, procs: Iterable[Proc], timeout: float = READY_TIMEO
                     f"{proc.name} exited with {proc.popen.returncode} before listening:\n"
                     f"{proc.log_tail()}"
                 )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise PeerError(f"nothing listens on 127.0.0.1:{port} after {timeout}s") from None
-            time.sleep(0.05)
+        listening = listening_ports()
+        if port in listening if listening is not None else _accepts(port):
+            return
+        if time.monotonic() > deadline:
+            raise PeerError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        time.sleep(0.05)
 
 
 def wait_for_log(proc: Proc, pattern: str, timeout: float = READY_TIMEOUT) -> None:
@@ -706,14 +731,16 @@ def problem_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
 
 
-def bench_peer(ctx: Context, spec: PeerSpec) -> PeerResult:
+def bench_peer(ctx: Context, spec: PeerSpec, results: list[PeerResult]) -> None:
+    """Start, measure and stop one proxy; its result is in ``results`` even if interrupted."""
     result = PeerResult(spec.key, spec.label(ctx.args))
+    results.append(result)
     missing = spec.missing()
     if missing is not None:
         result.status = "not installed"
         result.notes.append(missing)
         log(f"{spec.key}: not installed ({missing}), skipped")
-        return result
+        return
     running: Running | None = None
     try:
         running = spec.start(ctx)
@@ -738,7 +765,6 @@ def bench_peer(ctx: Context, spec: PeerSpec) -> PeerResult:
     for name, data in (("main run", result.bench), ("concurrency run", result.big)):
         for error in (data or {}).get("errors", []):
             result.problems.append(f"socksbench {name}: {error}")
-    return result
 
 
 def stop_running(ctx: Context, running: Running, result: PeerResult) -> None:
@@ -1005,19 +1031,22 @@ def summarize_lines(lines: list[str], limit: int = 12) -> list[str]:
 # ------------------------------------------------------------------------------ main
 
 
+def _run_to_stderr(command: list[str], env: dict[str, str] | None = None) -> bool:
+    """Run a command with its output on stderr (stdout is for the tables); True if it worked."""
+    log(f"$ {shlex.join(command)}")
+    return subprocess.run(command, env=env, stdout=sys.stderr, check=False).returncode == 0
+
+
 def install_peers() -> None:
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = [*sudo, "apt-get", "install", "-y", *APT_PACKAGES]
-    log(f"$ {shlex.join(install)}")
-    if subprocess.run(install, env=env, check=False).returncode != 0:
+    if not _run_to_stderr(install, env):
         log("apt-get install failed; apt-get update, then again")
-        subprocess.run([*sudo, "apt-get", "update"], env=env, check=False)
-        if subprocess.run(install, env=env, check=False).returncode != 0:
+        _run_to_stderr([*sudo, "apt-get", "update"], env)
+        if not _run_to_stderr(install, env):
             log("apt-get install failed: the missing peers will be skipped")
-    pip = [sys.executable, "-m", "pip", "install", PPROXY_REQUIREMENT]
-    log(f"$ {shlex.join(pip)}")
-    if subprocess.run(pip, check=False).returncode != 0:
+    if not _run_to_stderr([sys.executable, "-m", "pip", "install", PPROXY_REQUIREMENT]):
         log("pip install failed: pproxy will be skipped if missing")
 
 
@@ -1078,10 +1107,12 @@ def main(argv: list[str] | None = None) -> int:
         specs = ([] if args.no_sockproxy else [SOCKPROXY]) + [PEER_SPECS[k] for k in args.peers]
         for spec in specs:
             log(f"===== {spec.key}")
-            results.append(bench_peer(ctx, spec))
+            bench_peer(ctx, spec, results)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
+        if results and results[-1].status == "not run":
+            results[-1].status = "interrupted"
     finally:
         procs.stop_all()
         if args.keep_tmp:
