@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Micro-benchmarks behind sockproxy's dependency choices (medians of timeit repeats).
 
-    python3 bench/crypto_micro.py            # about half a minute on the project's 2-core VM
+    python3 bench/crypto_micro.py            # about a minute on the project's 2-core VM
     python3 bench/crypto_micro.py --quick    # fewer repeats, for a smoke test
 
 What each row justifies:
