@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from utils.cells import MAX_RECORD_PAYLOAD
-from utils.channel import Channel
+from utils.channel import Channel, ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
 from utils.workers import WORKERS, Completion
@@ -129,7 +129,9 @@ class Relay:
         if pending:
             self.channel.send(pending)
             self.to_channel += len(pending)
-        while data := self._wait(lambda: self.plain.recv(MAX_RECORD_PAYLOAD)):
+        read_size = ReadSize(MAX_RECORD_PAYLOAD)
+        while data := self._wait(lambda: self.plain.recv(read_size.size)):
+            read_size.update(len(data))
             self.channel.send(data)
             self.to_channel += len(data)
         self._check_not_aborted()

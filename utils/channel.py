@@ -15,6 +15,26 @@ from utils.handshake import ClientHandshake, ServerHandshake, SessionKeys
 RECV_SIZE = 256 * 1024
 
 
+class ReadSize:
+    """How much to ask recv() for: grows while reads fill it, shrinks when they do not.
+
+    recv() allocates its whole buffer before it blocks, so a thousand idle connections
+    waiting with large buffers would pin a lot of memory; bulk transfers still get large
+    reads (and so large records) after a few round trips.
+    """
+
+    def __init__(self, high: int, low: int = 16 * 1024) -> None:
+        self.low = min(low, high)
+        self.high = high
+        self.size = self.low
+
+    def update(self, received: int) -> None:
+        if received >= self.size:
+            self.size = min(self.size * 2, self.high)
+        elif received < self.size // 4:
+            self.size = max(self.size // 2, self.low)
+
+
 class Deadline:
     """A point in time that every blocking call of one phase must finish by."""
 
@@ -48,6 +68,7 @@ class Channel:
         self._sealer = RecordSealer(keys.send)
         self._opener = RecordOpener(keys.receive)
         self._ready: list[bytes] = self._opener.feed(pending) if pending else []
+        self._read_size = ReadSize(RECV_SIZE)
 
     @property
     def remote_ended(self) -> bool:
@@ -72,7 +93,8 @@ class Channel:
             if self._opener.ended:
                 self._expect_eof()
                 return []
-            data = self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(self._read_size.size)
+            self._read_size.update(len(data))
             if not data:
                 self._opener.check_clean_eof()
                 return []

@@ -24,7 +24,7 @@ Task = tuple[Callable[..., object], tuple[Any, ...]]
 class WorkerPool:
     """An elastic pool: reuse an idle worker if there is one, else start a new one."""
 
-    def __init__(self, keep_idle: float = 30.0, max_idle: int = 32) -> None:
+    def __init__(self, keep_idle: float = 2.0, max_idle: int = 8) -> None:
         self._keep_idle = keep_idle
         self._max_idle = max_idle
         self._lock = threading.Lock()
