@@ -118,14 +118,14 @@ class Connector:
         last_error: BaseException | None = None
         for server in self._in_order():
             try:
-                channel = self._handshake(server, deadline)
+                channel = self._handshake(server, deadline, encode_tunnel_request(request))
             except (OSError, SockproxyError) as exc:
                 server.failed()
                 log.warning("server %s failed: %s", server.name, describe(exc))
                 last_error = exc
                 continue
             server.succeeded()
-            return (channel, *self._ask(channel, request, deadline))
+            return (channel, *self._answer(channel, deadline))
         raise TunnelUnavailable(f"no server available ({describe(last_error or TimeoutError())})")
 
     def _in_order(self) -> list[ServerState]:
@@ -135,15 +135,15 @@ class Connector:
         return ready + [s for s in self.servers if not s.available(now)]
 
     @staticmethod
-    def _ask(channel: Channel, request: Request, deadline: Deadline) -> tuple[Reply, Address]:
+    def _answer(channel: Channel, deadline: Deadline) -> tuple[Reply, Address]:
+        """The server's reply to the request that went out with the handshake."""
         try:
-            channel.send_message(encode_tunnel_request(request))
             return decode_tunnel_reply(channel.receive_message(deadline))
         except BaseException:
             channel.sock.close()
             raise
 
-    def _handshake(self, server: ServerState, deadline: Deadline) -> Channel:
+    def _handshake(self, server: ServerState, deadline: Deadline, request: bytes) -> Channel:
         """Resume if we hold a ticket; else (or if the server refuses it) a full handshake.
 
         A server that cannot be reached fails at once (for failover); only a server that
@@ -153,7 +153,7 @@ class Connector:
         if ticket is not None:
             sock = self._connect(server.endpoint, deadline)
             try:
-                return self._run(server, sock, ticket, deadline)
+                return self._run(server, sock, ticket, deadline, request)
             except (OSError, ProtocolError) as exc:
                 server.tickets.forget(ticket)
                 log.info(
@@ -161,8 +161,9 @@ class Connector:
                 )
         with server.tickets.full_handshake_turn(deadline) as fresh:
             if fresh is None:
-                return self._run(server, self._connect(server.endpoint, deadline), None, deadline)
-        return self._run(server, self._connect(server.endpoint, deadline), fresh, deadline)
+                sock = self._connect(server.endpoint, deadline)
+                return self._run(server, sock, None, deadline, request)
+        return self._run(server, self._connect(server.endpoint, deadline), fresh, deadline, request)
 
     def _connect(self, endpoint: ServerEndpoint, deadline: Deadline) -> socket.socket:
         timeout = min(self._connect_timeout, deadline.remaining())
@@ -171,14 +172,19 @@ class Connector:
         return sock
 
     def _run(
-        self, server: ServerState, sock: socket.socket, ticket: Ticket | None, deadline: Deadline
+        self,
+        server: ServerState,
+        sock: socket.socket,
+        ticket: Ticket | None,
+        deadline: Deadline,
+        request: bytes,
     ) -> Channel:
         """The handshake on a fresh connection; the socket is closed if it fails."""
         try:
             handshake = ClientHandshake(
                 self._identity, server.endpoint.public_key, ticket, ticket_lifetime=self._lifetime
             )
-            channel = client_handshake(sock, handshake, deadline)
+            channel = client_handshake(sock, handshake, deadline, request)
         except BaseException:
             sock.close()
             raise

@@ -279,3 +279,48 @@ def test_low_order_x25519_share_is_refused(local_key: RsaKey, server_key: RsaKey
     mac = hs._mac(hs._binder_key(client.new_ticket.secret), hs.CLIENT_FINISHED_LABEL, transcript)
     with pytest.raises(AuthenticationError, match="X25519"):
         responder.receive(hello + hs.frame(hs.CLIENT_FINISHED, mac))
+
+
+def test_resuming_local_has_keys_before_the_server_confirms(
+    local_key: RsaKey, server_key: RsaKey
+) -> None:
+    """The request rides with ClientFinished; ServerFinished is still required to finish."""
+    store = TicketStore(3600)
+    first, _ = handshake(local_key, server_key, store)
+    client = ClientHandshake(local_key, server_key.public_key(), first.new_ticket)
+    responder = ServerHandshake(server_key, peers_for(local_key), store)
+    flight = client.receive(responder.start())
+    assert client.keys is not None and not client.done
+    finished = responder.receive(flight)
+    assert responder.done and responder.keys is not None
+    assert finished[2] == hs.SERVER_FINISHED and len(finished) == 3 + hs.MAC_SIZE
+    client.receive(finished)
+    assert _finished(client) and client.keys.send == responder.keys.receive
+
+
+def _finished(state: ClientHandshake) -> bool:
+    return state.done  # read through a call: mypy keeps the value narrowed from earlier
+
+
+@pytest.mark.parametrize("part", ["server_hello", "server_finished"])
+def test_tampered_resumed_server_messages_are_refused(
+    local_key: RsaKey, server_key: RsaKey, part: str
+) -> None:
+    store = TicketStore(3600)
+    first, _ = handshake(local_key, server_key, store)
+    start, end = (4, 4 + 64) if part == "server_hello" else (3, 3 + hs.MAC_SIZE)
+    for position in range(start, end, 7):
+        client = ClientHandshake(local_key, server_key.public_key(), first.new_ticket)
+        responder = ServerHandshake(server_key, peers_for(local_key), store)
+        hello = bytearray(responder.start())
+        if part == "server_hello":
+            hello[position] ^= 0x04  # the nonce or the share: the transcripts now differ
+            flight = client.receive(bytes(hello))
+            with pytest.raises(AuthenticationError):
+                responder.receive(flight)
+        else:
+            finished = bytearray(responder.receive(client.receive(bytes(hello))))
+            finished[position] ^= 0x04
+            with pytest.raises(AuthenticationError):
+                client.receive(bytes(finished))
+            assert not client.done

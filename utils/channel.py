@@ -63,11 +63,11 @@ def recv_some(sock: socket.socket, deadline: Deadline, size: int = 4096, flags: 
 class Channel:
     """Records over one TCP connection: seal on send, open and verify on receive."""
 
-    def __init__(self, sock: socket.socket, keys: SessionKeys, pending: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, keys: SessionKeys) -> None:
         self.sock = sock
         self._sealer = RecordSealer(keys.send)
         self._opener = RecordOpener(keys.receive)
-        self._ready: list[bytes] = self._opener.feed(pending) if pending else []
+        self._ready: list[bytes] = []
         self._read_size = ReadSize(RECV_SIZE)
 
     @property
@@ -75,8 +75,17 @@ class Channel:
         """True once the peer's authenticated end-of-stream record has arrived."""
         return self._opener.ended and not self._ready
 
+    def seal(self, payload: bytes | bytearray | memoryview) -> bytes:
+        """The records for ``payload``, for a caller that sends them with other bytes."""
+        return self._sealer.seal(payload)
+
     def send(self, payload: bytes | bytearray | memoryview) -> None:
         self.sock.sendall(self._sealer.seal(payload))
+
+    def accept_pending(self, data: bytes) -> None:
+        """Records that arrived in the same reads as the end of the handshake."""
+        if data:
+            self._ready += self._opener.feed(data)
 
     def send_end(self) -> None:
         """Send the authenticated end of stream, then a TCP half-close."""
@@ -122,15 +131,23 @@ class Channel:
 
 
 def client_handshake(
-    sock: socket.socket, handshake: ClientHandshake, deadline: Deadline
+    sock: socket.socket, handshake: ClientHandshake, deadline: Deadline, first_message: bytes = b""
 ) -> Channel:
-    """Run the local's side of the handshake on ``sock``."""
+    """Run the local's side of the handshake; ``first_message`` (the request) goes out as
+    soon as there are keys: with the local's last flight when resuming."""
+    channel: Channel | None = None
     while not handshake.done:
-        reply = handshake.receive(recv_some(sock, deadline))
-        if reply:
-            sock.sendall(reply)
-    assert handshake.keys is not None
-    return Channel(sock, handshake.keys, handshake.trailing_data())
+        flight = handshake.receive(recv_some(sock, deadline))
+        if handshake.keys is not None and channel is None:
+            channel = Channel(sock, handshake.keys)
+            if first_message:
+                flight += channel.seal(first_message)
+        if flight:
+            deadline.arm(sock)
+            sock.sendall(flight)
+    assert channel is not None
+    channel.accept_pending(handshake.trailing_data())
+    return channel
 
 
 def server_handshake(
@@ -145,4 +162,6 @@ def server_handshake(
             deadline.arm(sock)
             sock.sendall(reply)
     assert handshake.keys is not None
-    return Channel(sock, handshake.keys, handshake.trailing_data())
+    channel = Channel(sock, handshake.keys)
+    channel.accept_pending(handshake.trailing_data())
+    return channel

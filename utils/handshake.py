@@ -14,14 +14,16 @@ come from HKDF-SHA256 over the X25519 secret, salted with the hash of the whole 
 
 Resumed handshake (no RSA at all; the ticket comes from an earlier full handshake)::
 
-    server -> local   ServerHello      version, fresh nonce Ns
+    server -> local   ServerHello      version, fresh nonce Ns, X25519 share Ys
     local  -> server  ResumeHello      ticket id, random X1, X25519 share Y1
     local  -> server  ClientFinished   HMAC(binder key, transcript so far)
-    server -> local   ResumeAccept     random X2, X25519 share Y2
+    local  -> server  (the first record, already under the new keys)
     server -> local   ServerFinished   HMAC(binder key, transcript so far)
 
-A fresh ephemeral X25519 key on both sides keeps forward secrecy; the fresh server nonce in
-every transcript makes recorded handshakes useless to replay. docs/PROTOCOL.md has the bytes.
+A fresh ephemeral X25519 key on both sides keeps forward secrecy; the fresh server nonce
+and share in every transcript make recorded handshakes useless to replay. Because the
+server's share comes in its hello, the local's request rides with its Finished: one round
+trip less for every resumed connection. docs/PROTOCOL.md has the bytes.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ SERVER_KEY = 0x04
 SERVER_SIGNATURE = 0x05
 RESUME_HELLO = 0x06
 CLIENT_FINISHED = 0x07
-RESUME_ACCEPT = 0x08
-SERVER_FINISHED = 0x09
+SERVER_FINISHED = 0x08
+SERVER_HELLO_SIZE = 1 + NONCE_SIZE + SHARE_SIZE
 
 CLIENT_SIGNATURE_LABEL = b"sockproxy v1 client signature\x00"
 SERVER_SIGNATURE_LABEL = b"sockproxy v1 server signature\x00"
@@ -323,11 +325,8 @@ class _Handshake:
         self._reader = MessageReader()
         self._transcript = bytearray()
         self.keys: SessionKeys | None = None
+        self.done = False  # the peer is authenticated (keys may come earlier, when resuming)
         self.resumed = False
-
-    @property
-    def done(self) -> bool:
-        return self.keys is not None
 
     def _send(self, message_type: int, body: bytes) -> bytes:
         wire = frame(message_type, body)
@@ -369,11 +368,15 @@ class ClientHandshake(_Handshake):
         self.new_ticket: Ticket | None = None
 
     def receive(self, data: bytes) -> bytes:
-        """Take bytes from the server; return bytes to send (possibly empty)."""
+        """Take bytes from the server; return bytes to send (possibly empty).
+
+        When resuming, ``keys`` are set as soon as the local's flight is returned, so the
+        caller can send its first record with it; ``done`` waits for ServerFinished.
+        """
         self._reader.feed(data)
         if self._ephemeral is None:
             return self._on_server_hello()
-        if self.keys is None:
+        if not self.done:
             self._on_server_answer()
         return b""
 
@@ -381,13 +384,13 @@ class ClientHandshake(_Handshake):
         messages = self._reader.take(1)
         if messages is None:
             return b""
-        body = _expect(messages[0], SERVER_HELLO, 1 + NONCE_SIZE)
+        body = _expect(messages[0], SERVER_HELLO, SERVER_HELLO_SIZE)
         self._transcript += messages[0].wire
         if body[0] != PROTOCOL_VERSION:
             raise ProtocolError(f"server speaks protocol version {body[0]}")
         self._ephemeral = _Ephemeral(self._rng)
         if self._ticket is not None:
-            return self._resume_hello(self._ticket)
+            return self._resume_hello(self._ticket, self._ephemeral, body[-SHARE_SIZE:])
         return self._full_hello(self._ephemeral)
 
     def _full_hello(self, ephemeral: _Ephemeral) -> bytes:
@@ -398,23 +401,27 @@ class ClientHandshake(_Handshake):
         signature = _sign(self._identity, CLIENT_SIGNATURE_LABEL, self._so_far(), self._rng)
         return hello + self._send(CLIENT_SIGNATURE, signature)
 
-    def _resume_hello(self, ticket: Ticket) -> bytes:
-        assert self._ephemeral is not None
-        body = ticket.ticket_id + self._rng(RANDOM_SIZE) + self._ephemeral.share
+    def _resume_hello(self, ticket: Ticket, ephemeral: _Ephemeral, server_share: bytes) -> bytes:
+        body = ticket.ticket_id + self._rng(RANDOM_SIZE) + ephemeral.share
         hello = self._send(RESUME_HELLO, body)
         mac = _mac(_binder_key(ticket.secret), CLIENT_FINISHED_LABEL, self._so_far())
-        return hello + self._send(CLIENT_FINISHED, mac)
+        flight = hello + self._send(CLIENT_FINISHED, mac)
+        secret = ephemeral.agree(server_share) + ticket.secret
+        derived = _derive(secret, self._so_far(), RESUMED_KEYS_INFO)
+        self.keys = SessionKeys(derived.client_to_server, derived.server_to_client)
+        self.resumed = True
+        return flight
 
     def _on_server_answer(self) -> None:
-        messages = self._reader.take(2)
-        if messages is None:
-            return
-        first, second = messages
-        assert self._ephemeral is not None
         if self._ticket is not None:
-            self._finish_resumed(self._ticket, self._ephemeral, first, second)
-        else:
-            self._finish_full(self._ephemeral, first, second)
+            finished = self._reader.take(1)
+            if finished is not None:
+                self._confirm_resumed(self._ticket, finished[0])
+            return
+        messages = self._reader.take(2)
+        if messages is not None:
+            assert self._ephemeral is not None
+            self._finish_full(self._ephemeral, *messages)
 
     def _finish_full(self, ephemeral: _Ephemeral, key_msg: Message, sig_msg: Message) -> None:
         sealed_size = self._identity.size_in_bytes()
@@ -426,25 +433,15 @@ class ClientHandshake(_Handshake):
         share = _open_share(self._identity, SERVER_SHARE_LABEL, body[RANDOM_SIZE:])
         derived = _derive(ephemeral.agree(share), self._so_far(), FULL_KEYS_INFO)
         self.keys = SessionKeys(derived.client_to_server, derived.server_to_client)
+        self.done = True
         expires = self._clock() + self._ticket_lifetime
         self.new_ticket = Ticket(derived.ticket_id, derived.resumption_secret, expires)
 
-    def _finish_resumed(
-        self,
-        ticket: Ticket,
-        ephemeral: _Ephemeral,
-        accept_msg: Message,
-        finished_msg: Message,
-    ) -> None:
-        body = _expect(accept_msg, RESUME_ACCEPT, RANDOM_SIZE + SHARE_SIZE)
-        self._transcript += accept_msg.wire
-        mac = _expect(finished_msg, SERVER_FINISHED, MAC_SIZE)
+    def _confirm_resumed(self, ticket: Ticket, finished: Message) -> None:
+        mac = _expect(finished, SERVER_FINISHED, MAC_SIZE)
         _check_mac(_binder_key(ticket.secret), SERVER_FINISHED_LABEL, self._so_far(), mac)
-        self._transcript += finished_msg.wire
-        secret = ephemeral.agree(body[RANDOM_SIZE:])
-        derived = _derive(secret + ticket.secret, self._so_far(), RESUMED_KEYS_INFO)
-        self.keys = SessionKeys(derived.client_to_server, derived.server_to_client)
-        self.resumed = True
+        self._transcript += finished.wire
+        self.done = True
 
 
 class ServerHandshake(_Handshake):
@@ -462,16 +459,19 @@ class ServerHandshake(_Handshake):
         self._identity = identity
         self._authorized = authorized
         self._tickets = tickets
-        self._started = False
+        self._hello_ephemeral: _Ephemeral | None = None
         self.peer_name = ""
 
     def start(self) -> bytes:
-        self._started = True
-        return self._send(SERVER_HELLO, bytes((PROTOCOL_VERSION,)) + self._rng(NONCE_SIZE))
+        """ServerHello: the nonce, and the share a resuming local will use."""
+        nonce = self._rng(NONCE_SIZE)
+        self._hello_ephemeral = _Ephemeral(self._rng)
+        body = bytes((PROTOCOL_VERSION,)) + nonce + self._hello_ephemeral.share
+        return self._send(SERVER_HELLO, body)
 
     def receive(self, data: bytes) -> bytes:
         """Take bytes from the local; return the answer once both of its messages are in."""
-        if not self._started or self.done:
+        if self._hello_ephemeral is None or self.done:
             raise ProtocolError("handshake bytes out of order")
         self._reader.feed(data)
         messages = self._reader.take(2)
@@ -479,7 +479,7 @@ class ServerHandshake(_Handshake):
             return b""
         first, second = messages
         if first.type == RESUME_HELLO:
-            return self._answer_resume(first, second)
+            return self._answer_resume(first, second, self._hello_ephemeral)
         return self._answer_full(first, second)
 
     def _answer_full(self, hello_msg: Message, sig_msg: Message) -> bytes:
@@ -502,11 +502,14 @@ class ServerHandshake(_Handshake):
         answer += self._send(SERVER_SIGNATURE, signature)
         derived = _derive(ephemeral.agree(client_share), self._so_far(), FULL_KEYS_INFO)
         self.keys = SessionKeys(derived.server_to_client, derived.client_to_server)
+        self.done = True
         self.peer_name = peer.name
         self._tickets.add(derived.ticket_id, derived.resumption_secret, peer.name)
         return answer
 
-    def _answer_resume(self, hello_msg: Message, finished_msg: Message) -> bytes:
+    def _answer_resume(
+        self, hello_msg: Message, finished_msg: Message, ephemeral: _Ephemeral
+    ) -> bytes:
         body = _expect(hello_msg, RESUME_HELLO, TICKET_ID_SIZE + RANDOM_SIZE + SHARE_SIZE)
         ticket = self._tickets.find(body[:TICKET_ID_SIZE])
         if ticket is None:
@@ -516,12 +519,10 @@ class ServerHandshake(_Handshake):
         mac = _expect(finished_msg, CLIENT_FINISHED, MAC_SIZE)
         _check_mac(binder, CLIENT_FINISHED_LABEL, self._so_far(), mac)
         self._transcript += finished_msg.wire
-        ephemeral = _Ephemeral(self._rng)
-        answer = self._send(RESUME_ACCEPT, self._rng(RANDOM_SIZE) + ephemeral.share)
-        answer += self._send(SERVER_FINISHED, _mac(binder, SERVER_FINISHED_LABEL, self._so_far()))
         secret = ephemeral.agree(body[-SHARE_SIZE:]) + ticket.secret
         derived = _derive(secret, self._so_far(), RESUMED_KEYS_INFO)
         self.keys = SessionKeys(derived.server_to_client, derived.client_to_server)
+        self.done = True
         self.peer_name = ticket.peer_name
         self.resumed = True
-        return answer
+        return self._send(SERVER_FINISHED, _mac(binder, SERVER_FINISHED_LABEL, self._so_far()))
