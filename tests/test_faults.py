@@ -1,0 +1,469 @@
+"""Hardening: exhaustion attacks and faults against the real local.py and server.py.
+
+Slowloris at both programs, max_connections floods, kill -9 of the server, a destination
+or a client mid-transfer, a destination that never reads, failover between two servers,
+SIGHUP key reloads, SIGUSR1 live tables, and private key files (modes, passphrases).
+The scenarios live in tests/faults_support.py (scripts/harden.py runs them bigger); here
+each one runs once, at a size that keeps this file well under 90 s on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    Keys,
+    Launcher,
+    Sink,
+    SocksRefused,
+    TCPServer,
+    read_to_end,
+    socks_request,
+    wait_for,
+)
+from tests.faults_support import (
+    Echo,
+    EndlessDownload,
+    Pusher,
+    Source,
+    Wiretap,
+    download,
+    failover_scenario,
+    flood_scenario,
+    kill_client_scenario,
+    kill_destination_scenario,
+    kill_server_scenario,
+    pattern_at,
+    raise_nofile,
+    raw_handshake,
+    run_to_exit,
+    server_hello_size,
+    slowloris_scenario,
+    start_with_args,
+    stuck_destination_scenario,
+)
+from utils.keys import (
+    fingerprint_bytes,
+    generate_pair,
+    load_private_key,
+    load_public_key,
+    write_pair,
+)
+from utils.socks5 import Reply
+
+SLOWLORIS_CONNECTIONS = 200
+GENERAL_FAILURE = b"\x05\x01\x00\x01" + bytes(6)
+
+
+@pytest.fixture(scope="module")
+def source() -> Iterator[Source]:
+    server = Source()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def echo() -> Iterator[TCPServer]:
+    server = Echo()
+    yield server
+    server.close()
+
+
+# --------------------------------------------------------------------------- exhaustion
+
+
+@pytest.mark.parametrize("target", ["local", "server"])
+def test_slowloris_is_cut_at_handshake_timeout_while_a_client_keeps_full_speed(
+    launcher: Launcher, keys: Keys, source: Source, target: str
+) -> None:
+    reason = raise_nofile(4 * SLOWLORIS_CONNECTIONS + 512)
+    if reason:
+        pytest.skip(reason)
+    report = slowloris_scenario(launcher, source, target, SLOWLORIS_CONNECTIONS)
+    assert not report.problems(), report.outcome()
+    lifetimes = report.lifetimes
+    assert len(lifetimes) == SLOWLORIS_CONNECTIONS
+    assert min(lifetimes) >= 1.95 and max(lifetimes) <= 4.0, report.outcome()
+    assert {v.how for v in report.victims} <= {"eof", "reset"}
+    # The server speaks first (its ServerHello), then never again; the local never
+    # answers a greeting that does not complete.
+    hello = server_hello_size(load_private_key(Path(keys.path("server_private"))))
+    wanted = hello if target == "server" else 0
+    assert {v.received for v in report.victims} == {wanted}
+    assert report.during and all(d.ok for d in report.during)
+    assert report.attack_speed >= report.baseline_speed / 5, report.outcome()
+
+
+@pytest.mark.parametrize("target", ["local", "server"])
+def test_max_connections_refuses_at_once_and_stays_responsive(
+    launcher: Launcher, source: Source, target: str
+) -> None:
+    report = flood_scenario(launcher, source, target, limit=20, attempts=200)
+    assert not report.problems(), report.outcome()
+    assert report.held == 20
+    assert report.refused == 200
+    assert report.works_after.ok
+    assert report.rss_after_kb - report.rss_before_kb < 16 * 1024
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def test_kill9_server_resets_the_client_and_a_restart_takes_over(
+    launcher: Launcher, source: Source
+) -> None:
+    report = kill_server_scenario(launcher, source)
+    assert not report.problems(), report.outcome()
+    assert report.ended == "reset"
+    assert report.detect_seconds < 2.0
+    assert report.corrupted == 0
+
+
+def test_kill9_destination_closes_the_client(launcher: Launcher, source: Source) -> None:
+    report = kill_destination_scenario(launcher, source)
+    assert not report.problems(), report.outcome()
+    assert report.ended in ("eof", "reset")
+    assert report.detect_seconds < 2.0
+    assert report.bad_bytes == 0
+
+
+def test_kill9_client_tears_down_the_destination_side(launcher: Launcher, source: Source) -> None:
+    report = kill_client_scenario(launcher, source)
+    assert not report.problems(), report.outcome()
+    assert report.detect_seconds < 5.0
+
+
+def test_stuck_destination_does_not_stall_others_and_idles_out(
+    launcher: Launcher, source: Source
+) -> None:
+    report = stuck_destination_scenario(launcher, source, idle_timeout=3.0)
+    assert not report.problems(), report.outcome()
+    assert report.ended == "reset"
+    assert report.detect_seconds <= 3.0 + 4.0
+
+
+_SIGTERM_BUG = (
+    "BUG: utils/cli.py:119-121 serve() answers SIGTERM with server.shutdown(), "
+    "server_close() and return 0 while relays still run on daemon threads; the process exits "
+    "and the kernel closes their sockets with a FIN, so the plain side of a live transfer sees "
+    "a clean EOF: a cut-off stream looks complete (utils/base.py promises a reset)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_SIGTERM_BUG + " (here: the local, a SOCKS client)")
+def test_sigterm_local_mid_download_resets_the_client(launcher: Launcher, source: Source) -> None:
+    _server, local = launcher.pair()
+    transfer = EndlessDownload(local.port, source.port)
+    assert transfer.wait_received(2 << 20)
+    assert local.stop() == 0
+    transfer.join(10)
+    assert transfer.checker.corrupted == 0
+    assert transfer.ended == "reset", "the client saw a clean end of an endless stream"
+
+
+@pytest.mark.xfail(strict=True, reason=_SIGTERM_BUG + " (here: the server, a destination)")
+def test_sigterm_server_mid_upload_resets_the_destination(launcher: Launcher, sink: Sink) -> None:
+    server, local = launcher.pair()
+    pusher = Pusher(local.port, sink.port)
+    assert wait_for(lambda: pusher.pushed > 4 << 20, 10)
+    assert server.stop() == 0
+    pusher.join(10)
+    assert pusher.ended == "reset"  # the client is told...
+    got = sink.result_for(pusher.bind)
+    assert got.ended == "reset", f"the destination saw a clean EOF after {got.length} bytes"
+
+
+# --------------------------------------------------------------------------- failover
+
+
+def test_failover_to_the_second_server_and_back_after_the_backoff(
+    launcher: Launcher, source: Source
+) -> None:
+    report = failover_scenario(launcher, source)
+    assert not report.problems(), report.outcome()
+    assert len(report.downloads) == 4
+
+
+# --------------------------------------------------------------------------- SIGHUP
+
+
+def _authorized(keys: Keys, *names: str, alice_key: str = "local_public") -> list[Any]:
+    paths = {"alice": keys.path(alice_key), "bob": keys.path("other_public")}
+    return [{"name": name, "public_key": paths[name]} for name in names]
+
+
+def _rewrite_keys(config_path: Path, entries: list[Any]) -> None:
+    config = json.loads(config_path.read_text())
+    config["authorized_keys"] = entries
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    tmp.replace(config_path)
+
+
+def _sighup(program: Any, loaded: int) -> None:
+    """SIGHUP and wait for the reload line (one more than before)."""
+    text = f"SIGHUP: {loaded} authorized key(s) loaded"
+    before = program.stderr().count("SIGHUP: ")
+    program.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: program.stderr().count("SIGHUP: ") > before, 5), program.stderr()
+    assert program.stderr().rsplit("SIGHUP: ", 1)[-1].startswith(text[len("SIGHUP: ") :])
+
+
+def _echo_once(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = sock.recv(65536)
+        if not data:
+            break
+        got += data
+    return got
+
+
+def test_sighup_revokes_a_removed_key_and_its_tickets_but_not_live_connections(
+    launcher: Launcher, keys: Keys, echo: TCPServer
+) -> None:
+    server = launcher.server(
+        local_public_key=None, authorized_keys=_authorized(keys, "alice", "bob")
+    )
+    alice = launcher.local(server.port)
+    bob = launcher.local(server.port, local_private_key=keys.path("other_private"))
+    identity = load_private_key(Path(keys.path("local_private")))
+    server_key = load_public_key(Path(keys.path("server_public")))
+    first = raw_handshake(server.port, identity, server_key)
+    assert first is not None and first.new_ticket is not None
+    ticket = first.new_ticket
+    resumed = raw_handshake(server.port, identity, server_key, ticket)
+    assert resumed is not None and resumed.resumed  # the ticket works before the reload
+
+    live = socks_request(alice.port, "127.0.0.1", echo.port)
+    assert live.reply == Reply.SUCCEEDED
+    with live.sock:
+        assert _echo_once(live.sock, b"before") == b"before"
+        _rewrite_keys(server.config, _authorized(keys, "bob"))
+        _sighup(server, 1)
+        mark = len(server.stderr())
+
+        refused = socks_request(alice.port, "127.0.0.1", echo.port)
+        with refused.sock:
+            assert refused.raw == GENERAL_FAILURE
+        log = server.stderr()[mark:]
+        assert "unknown or expired resumption ticket" in log  # alice's local tried its ticket
+        assert "unknown local key" in log  # then a full handshake
+        assert raw_handshake(server.port, identity, server_key, ticket) is None
+        assert raw_handshake(server.port, identity, server_key) is None
+
+        other = socks_request(bob.port, "127.0.0.1", echo.port)
+        with other.sock:
+            assert other.reply == Reply.SUCCEEDED
+            assert _echo_once(other.sock, b"bob") == b"bob"
+        # alice's live connection still works, and ends cleanly
+        assert _echo_once(live.sock, b"after the reload") == b"after the reload"
+        live.sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(live.sock) == (b"", "eof")
+
+    _rewrite_keys(server.config, _authorized(keys, "alice", "bob"))
+    _sighup(server, 2)
+    again = socks_request(alice.port, "127.0.0.1", echo.port)
+    with again.sock:
+        assert again.reply == Reply.SUCCEEDED
+        assert _echo_once(again.sock, b"back") == b"back"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: server/handler.py:57 ExitServer.set_authorized_keys revokes tickets only "
+    "for key NAMES that disappeared (TicketStore.revoke_peer is by name, utils/handshake.py:308); "
+    "when SIGHUP keeps a name but replaces its key (rotation after a theft), tickets the old "
+    "key got still resume for resumption_lifetime (default 1 h), as that name",
+)
+def test_sighup_key_rotation_revokes_the_old_keys_tickets(
+    launcher: Launcher, keys: Keys, tmp_path: Path
+) -> None:
+    new_key = generate_pair(2048)
+    write_pair(tmp_path, "alice_new", new_key, force=False)
+    server = launcher.server(local_public_key=None, authorized_keys=_authorized(keys, "alice"))
+    stolen = load_private_key(Path(keys.path("local_private")))
+    server_key = load_public_key(Path(keys.path("server_public")))
+    first = raw_handshake(server.port, stolen, server_key)
+    assert first is not None and first.new_ticket is not None
+    entries = [{"name": "alice", "public_key": str(tmp_path / "alice_new_public.pem")}]
+    _rewrite_keys(server.config, entries)
+    _sighup(server, 1)
+    assert raw_handshake(server.port, stolen, server_key) is None  # the old key is refused
+    assert raw_handshake(server.port, new_key, server_key) is not None  # the new one works
+    # ...and so must be every ticket the old key got.
+    assert raw_handshake(server.port, stolen, server_key, first.new_ticket) is None
+
+
+# --------------------------------------------------------------------------- SIGUSR1
+
+
+def test_sigusr1_logs_live_connections_with_client_target_and_bytes(
+    launcher: Launcher, source: Source
+) -> None:
+    server, local = launcher.pair()
+    transfer = EndlessDownload(local.port, source.port)
+    try:
+        assert transfer.wait_received(2 << 20)
+        for program in (local, server):
+            program.proc.send_signal(signal.SIGUSR1)
+        client = rf"127\.0\.0\.1:{transfer.client_port}"
+        target = rf"127\.0\.0\.1:{source.port}"
+        local_live = re.compile(rf"live: {client} -> {target} up=(\d+) down=(\d+) ")
+        server_live = re.compile(rf"live: \S+ \(local_public(?: resumed)?\) -> {target} up=8 down=")
+        assert wait_for(lambda: bool(local_live.search(local.stderr())), 5), local.stderr()
+        match = local_live.search(local.stderr())
+        assert match is not None
+        assert int(match[1]) == 8  # the size header we sent
+        assert int(match[2]) >= 2 << 20
+        assert wait_for(lambda: bool(server_live.search(server.stderr())), 5), server.stderr()
+        assert re.search(r"1 live connection\(s\), up=8 down=\d+ bytes", local.stderr())
+    finally:
+        transfer.stop()
+    assert transfer.ended == "stopped"
+    assert transfer.checker.corrupted == 0
+
+
+# --------------------------------------------------------------------------- key files
+
+
+@pytest.mark.parametrize("script", ["local.py", "server.py"])
+def test_group_readable_private_key_exits_2_with_one_line(
+    launcher: Launcher, keys: Keys, tmp_path: Path, script: str
+) -> None:
+    name = "local_private" if script == "local.py" else "server_private"
+    exposed = tmp_path / f"{name}.pem"
+    shutil.copyfile(keys.path(name), exposed)
+    exposed.chmod(0o640)
+    if script == "local.py":
+        config = launcher.local_config(9, local_private_key=str(exposed))
+    else:
+        config = launcher.server_config(server_private_key=str(exposed))
+    path = launcher.write_config(Path(script).stem, config)
+    done = run_to_exit(script, path, [], dict(os.environ))
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert str(exposed) in lines[0]
+    assert "readable by group/others" in lines[0]
+    assert "chmod 600" in lines[0]
+
+
+def test_passphrase_protected_keys_and_no_secret_in_any_log(
+    launcher: Launcher, keys: Keys, tmp_path: Path, echo: TCPServer
+) -> None:
+    passphrase = "pp-" + secrets.token_hex(12)
+    wrong = "wrong-" + secrets.token_hex(12)
+    password = "pw-" + secrets.token_hex(12)
+    for name in ("local", "server"):
+        key = load_private_key(Path(keys.path(f"{name}_private")))
+        write_pair(tmp_path, f"{name}_locked", key, force=False, passphrase=passphrase.encode())
+    locked = {name: str(tmp_path / f"{name}_locked_private.pem") for name in ("local", "server")}
+    env = dict(os.environ, SOCKPROXY_PASSPHRASE=passphrase, SOCKPROXY_WRONG=wrong)
+    right_args = ["--passphrase-env", "SOCKPROXY_PASSPHRASE"]
+    server_config = launcher.server_config(server_private_key=locked["server"])
+    local_config = launcher.local_config(
+        server_config["server_port"],
+        local_private_key=locked["local"],
+        auth=True,
+        username="alice",
+        password=password,
+    )
+    texts: list[str] = []
+    # Wrong passphrase, and none at all: exit 2 with one line (the four runs side by side).
+    runs = []
+    for script, config, key_path in (
+        ("server.py", server_config, locked["server"]),
+        ("local.py", local_config, locked["local"]),
+    ):
+        path = launcher.write_config(Path(script).stem, config)
+        runs += [
+            (script, path, ["--passphrase-env", "SOCKPROXY_WRONG"], "wrong passphrase", key_path),
+            (script, path, [], "a passphrase is required", key_path),
+        ]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        done_runs = list(pool.map(lambda run: run_to_exit(run[0], run[1], run[2], env), runs))
+    for (_, _, _, wants, key_path), done in zip(runs, done_runs, strict=True):
+        texts.append(done.stderr)
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        assert key_path in done.stderr and wants in done.stderr
+    # The right passphrase: both run, and a request with the SOCKS password works.
+    server = start_with_args(launcher, "server.py", server_config, "server_port", right_args, env)
+    local = start_with_args(launcher, "local.py", local_config, "local_port", right_args, env)
+    server.wait_ready()
+    local.wait_ready()
+    result = socks_request(local.port, "127.0.0.1", echo.port, auth=("alice", password))
+    with result.sock:
+        assert result.reply == Reply.SUCCEEDED
+        assert _echo_once(result.sock, b"locked keys") == b"locked keys"
+        for program in (local, server):
+            program.proc.send_signal(signal.SIGUSR1)
+        assert wait_for(lambda: "live: " in local.stderr() and "live: " in server.stderr(), 5)
+    with pytest.raises(SocksRefused):
+        socks_request(local.port, "127.0.0.1", echo.port, auth=("alice", wrong))
+    with pytest.raises(SocksRefused):  # no credentials offered
+        socks_request(local.port, "127.0.0.1", echo.port)
+    for program in (local, server):
+        assert program.stop() == 0
+        texts.append(program.stderr())
+    assert "sockproxy.access" in texts[-2]
+    for text in texts:
+        for line in text.splitlines():
+            for secret in (passphrase, wrong, password):
+                assert secret not in line, f"a secret in a log line: {line}"
+
+
+# --------------------------------------------------------------------------- what a wiretap sees
+
+
+def test_wiretap_sees_no_payload_target_or_password_but_fingerprint_and_ticket_id(
+    launcher: Launcher, keys: Keys, source: Source
+) -> None:
+    """What docs/SECURITY.md says an observer between local and server gets, and not."""
+    password = "pw-" + secrets.token_hex(12)
+    server = launcher.server()
+    tap = Wiretap(server.port)
+    try:
+        local = launcher.local(tap.port, auth=True, username="alice", password=password)
+        size = 1 << 20
+        for _ in range(3):  # a full handshake, then two resumed ones
+            got = download(local.port, source.port, size, "localhost", ("alice", password))
+            assert got.ok, got
+    finally:
+        tap.close()
+    assert len(tap.links) == 3
+    wire = b"".join(bytes(up) + bytes(down) for up, down in tap.links)
+    # Hidden: the payload, the target name and port, the SOCKS credentials.
+    for offset in range(0, size - 32, 4099):
+        assert pattern_at(offset, 32) not in wire
+    target = f"localhost:{source.port}".encode()
+    for secret in (b"localhost", target, password.encode(), b"alice"):
+        assert secret not in wire
+    # Visible: the server speaks first, a ServerHello of fixed size (type 1, version 1)...
+    hello = server_hello_size(load_private_key(Path(keys.path("server_private"))))
+    for _, down in tap.links:
+        assert down[:4] == (hello - 2).to_bytes(2, "big") + b"\x01\x01"
+    # ...the local key's fingerprint in the clear in the full ClientHello...
+    fingerprint = fingerprint_bytes(load_public_key(Path(keys.path("local_public"))))
+    full_up = bytes(tap.links[0][0])
+    assert full_up[2] == 0x02 and full_up[3 + 32 : 3 + 64] == fingerprint
+    # ...the same ticket id in the clear in both resumptions (it links them)...
+    ids = {bytes(up[3:19]) for up, _ in tap.links[1:]}
+    assert all(up[2] == 0x06 for up, _ in tap.links[1:]) and len(ids) == 1
+    # ...and the sizes: 1 MiB of payload costs 64/50 of it in cells, plus the record overhead.
+    down_bytes = len(tap.links[1][1])
+    assert size * 64 / 50 < down_bytes < size * 64 / 50 * 1.01 + 4096
