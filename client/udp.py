@@ -8,9 +8,9 @@ import socket
 from utils.association import POLL_INTERVAL, Association
 from utils.channel import Channel
 from utils.errors import Socks5Error
+from utils.socks5 import Address
 from utils.udp import (
     MAX_DATAGRAM,
-    DatagramDecoder,
     build_socks_datagram,
     encode_channel_datagram,
     parse_socks_datagram,
@@ -88,13 +88,9 @@ class LocalAssociation(Association):
         return True
 
     def _downlink(self) -> None:
-        decoder = DatagramDecoder()
-        while not self.stopping:
-            payloads = self.receive_datagrams()
-            if payloads is None:
-                return
-            for payload in payloads:
-                for source, data in decoder.feed(payload):
-                    if self._client is not None:
-                        self._udp.sendto(build_socks_datagram(source, data), self._client)
-                        self.to_plain += len(data)
+        self.datagrams_from_channel(self._to_client)
+
+    def _to_client(self, source: Address, data: bytes) -> None:
+        if self._client is not None:
+            self._udp.sendto(build_socks_datagram(source, data), self._client)
+            self.to_plain += len(data)

@@ -11,7 +11,7 @@ from utils.association import POLL_INTERVAL, Association
 from utils.channel import Channel
 from utils.config import ServerConfig
 from utils.socks5 import Address
-from utils.udp import MAX_DATAGRAM, DatagramDecoder, encode_channel_datagram, plain_ip
+from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
 log = logging.getLogger("sockproxy.udp")
 
@@ -50,14 +50,7 @@ class ExitAssociation(Association):
             self._udp.close()
 
     def _uplink(self) -> None:
-        decoder = DatagramDecoder()
-        while not self.stopping:
-            payloads = self.receive_datagrams()
-            if payloads is None:
-                return
-            for payload in payloads:
-                for destination, data in decoder.feed(payload):
-                    self._send(destination, data)
+        self.datagrams_from_channel(self._send)
 
     def _send(self, destination: Address, data: bytes) -> None:
         target = self._resolve(destination)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from utils.base import describe, quietly_shutdown
 from utils.channel import Channel
 from utils.errors import SockproxyError
+from utils.socks5 import Address
+from utils.udp import DatagramDecoder
 from utils.workers import Completion
 
 POLL_INTERVAL = 0.5  # how often blocked threads look at the stop flag
@@ -61,14 +63,18 @@ class Association:
         finally:
             self._stop.set()
 
-    def receive_datagrams(self) -> list[bytes] | None:
-        """Channel payloads; [] on a quiet poll, None once the peer has ended the channel."""
-        try:
-            payloads = self.channel.receive()
-        except TimeoutError:
-            self.check_idle()
-            return []
-        if not payloads:
-            return None
-        self.touch()
-        return payloads
+    def datagrams_from_channel(self, handle: Callable[[Address, bytes], None]) -> None:
+        """Call ``handle`` for each datagram the peer sends, until it ends the channel."""
+        decoder = DatagramDecoder()
+        while not self.stopping:
+            try:
+                payloads = self.channel.receive()
+            except TimeoutError:
+                self.check_idle()
+                continue
+            if not payloads:
+                return
+            self.touch()
+            for payload in payloads:
+                for address, data in decoder.feed(payload):
+                    handle(address, data)
