@@ -91,6 +91,19 @@ def _pool_max_idle() -> int:
 
 #: Idle pooled threads may outlive the connections they served (for the pool's keep_idle).
 POOL_MAX_IDLE = _pool_max_idle()
+POOL_KEEP_IDLE = float(getattr(WORKERS, "_keep_idle", 0.0))
+
+
+@dataclass
+class Settings:
+    """Knobs the tests and scripts/harden.py set differently."""
+
+    #: Wait (up to the pool's keep_idle + 1 s) for idle pooled threads to exit too, so that
+    #: "threads after" is the real baseline; without it idle pooled threads are tolerated.
+    wait_for_idle_pool: bool = False
+
+
+SETTINGS = Settings()
 
 _LIVE = re.compile(r"sockproxy: (\d+) live connection\(s\)")
 
@@ -120,12 +133,21 @@ def settle(program: Program, baseline: ProcStats, timeout: float = 10.0) -> tupl
     """
     pid = program.proc.pid
     deadline = time.monotonic() + timeout
+    strict_until = time.monotonic()
+    if SETTINGS.wait_for_idle_pool:
+        strict_until += min(timeout, POOL_KEEP_IDLE + 1.0)
+
+    def back(stats: ProcStats) -> bool:
+        if time.monotonic() < strict_until:
+            return stats.fds <= baseline.fds and stats.threads <= baseline.threads
+        return back_to_baseline(stats, baseline)
+
     while True:
         stats = proc_stats(pid)
         late = time.monotonic() >= deadline
-        if back_to_baseline(stats, baseline) or late:
+        if back(stats) or late:
             live = live_connections(program, 2.0)
-            if late or (live == 0 and back_to_baseline(proc_stats(pid), baseline)):
+            if late or (live == 0 and back(proc_stats(pid))):
                 return proc_stats(pid), -1 if live is None else live
         time.sleep(0.2)
 
@@ -139,7 +161,14 @@ class Accounting:
     live_after: dict[str, int] = field(default_factory=dict)
 
     def start(self, label: str, program: Program) -> None:
-        self.before[label] = quiet_stats(program.proc.pid)
+        self.start_all({label: program})
+
+    def start_all(self, programs: dict[str, Program]) -> None:
+        """Read the baselines (after the pool's idle threads are gone, if asked to wait)."""
+        if SETTINGS.wait_for_idle_pool:
+            time.sleep(POOL_KEEP_IDLE + 0.5)
+        for label, program in programs.items():
+            self.before[label] = quiet_stats(program.proc.pid)
 
     def finish(self, label: str, program: Program, timeout: float = 10.0) -> None:
         self.after[label], self.live_after[label] = settle(program, self.before[label], timeout)
@@ -691,9 +720,8 @@ def slowloris_scenario(
     server, local = launcher.pair(server=limits, local=limits)
     victim_program = local if target == "local" else server
     accounting = Accounting()
-    for label, program in (("local", local), ("server", server)):
-        warm_up(local, source)
-        accounting.start(label, program)
+    warm_up(local, source)
+    accounting.start_all({"local": local, "server": server})
     baseline = baseline_speed(local.port, source.port)
     attack = Slowloris(victim_program.port, count, target, give_up_after=30.0)
     attack.open()
@@ -823,9 +851,8 @@ def flood_scenario(
     echo = Echo()
     holders: list[socket.socket] = []
     try:
-        for label, program in (("local", local), ("server", server)):
-            warm_up(local, source)
-            accounting.start(label, program)
+        warm_up(local, source)
+        accounting.start_all({"local": local, "server": server})
         held = 0
         for _ in range(limit):
             result = socks_request(local.port, "127.0.0.1", echo.port, timeout=IO_TIMEOUT)
@@ -1041,9 +1068,8 @@ def kill_destination_scenario(launcher: Launcher, source: Source) -> KillReport:
     """kill -9 the destination process mid-download: the client sees the close at once."""
     report = KillReport("kill -9 destination", detect_limit=2.0, accepted_endings=("eof", "reset"))
     server, local = launcher.pair()
-    for label, program in (("local", local), ("server", server)):
-        warm_up(local, source)
-        report.accounting.start(label, program)
+    warm_up(local, source)
+    report.accounting.start_all({"local": local, "server": server})
     destination = SourceProcess()
     try:
         transfer = EndlessDownload(local.port, destination.port)
@@ -1071,9 +1097,8 @@ def kill_client_scenario(launcher: Launcher, source: Source) -> KillReport:
         "kill -9 client", detect_limit=5.0, accepted_endings=("reset", "error", "done")
     )
     server, local = launcher.pair()
-    for label, program in (("local", local), ("server", server)):
-        warm_up(local, source)
-        report.accounting.start(label, program)
+    warm_up(local, source)
+    report.accounting.start_all({"local": local, "server": server})
     client = subprocess.Popen(
         [sys.executable, "-m", "tests.faults_support", "client", str(local.port), str(source.port)],
         cwd=REPO,
@@ -1196,9 +1221,8 @@ def stuck_destination_scenario(
     release = threading.Event()
     stuck = TCPServer(lambda _conn, _peer: release.wait(60))
     try:
-        for label, program in (("local", local), ("server", server)):
-            warm_up(local, source)
-            report.accounting.start(label, program)
+        warm_up(local, source)
+        report.accounting.start_all({"local": local, "server": server})
         report.baseline = baseline_speed(local.port, source.port)
         pusher = Pusher(local.port, stuck.port)
         wait_for(lambda: pusher.pushed > 0 and pusher.stuck_for() > 0.3, 10)

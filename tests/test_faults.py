@@ -285,7 +285,7 @@ def test_sighup_revokes_a_removed_key_and_its_tickets_but_not_live_connections(
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: server/handler.py:57 ExitServer.set_authorized_keys revokes tickets only "
-    "for key NAMES that disappeared (TicketStore.revoke_peer is by name, utils/handshake.py:308); "
+    "for key NAMES that disappeared (TicketStore.revoke_peer is by name, utils/handshake.py:310); "
     "when SIGHUP keeps a name but replaces its key (rotation after a theft), tickets the old "
     "key got still resume for resumption_lifetime (default 1 h), as that name",
 )
