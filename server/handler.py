@@ -54,10 +54,8 @@ class ExitServer(ProxyServer):
         """Swap in a new key list; tickets of keys that are gone stop working at once."""
         table = {key.fingerprint: AuthorizedPeer(key.name, key.key) for key in keys}
         with self._keys_lock:
-            removed = {p.name for p in self.authorized.values()} - {p.name for p in table.values()}
             self.authorized = table
-        for name in removed:
-            self.tickets.revoke_peer(name)
+        self.tickets.keep_only(table.keys())
 
 
 class ExitHandler(TunnelHandler):

@@ -154,15 +154,10 @@ def test_stuck_destination_does_not_stall_others_and_idles_out(
     assert report.detect_seconds <= 3.0 + 4.0
 
 
-_SIGTERM_BUG = (
-    "BUG: utils/cli.py:119-121 serve() answers SIGTERM with server.shutdown(), "
-    "server_close() and return 0 while relays still run on daemon threads; the process exits "
-    "and the kernel closes their sockets with a FIN, so the plain side of a live transfer sees "
-    "a clean EOF: a cut-off stream looks complete (utils/base.py promises a reset)"
-)
+# SIGTERM aborts live tunnels (utils/cli.py serve -> ProxyServer.abort_all): a cut-off
+# stream must end in a reset, never in a clean-looking EOF.
 
 
-@pytest.mark.xfail(strict=True, reason=_SIGTERM_BUG + " (here: the local, a SOCKS client)")
 def test_sigterm_local_mid_download_resets_the_client(launcher: Launcher, source: Source) -> None:
     _server, local = launcher.pair()
     transfer = EndlessDownload(local.port, source.port)
@@ -173,7 +168,6 @@ def test_sigterm_local_mid_download_resets_the_client(launcher: Launcher, source
     assert transfer.ended == "reset", "the client saw a clean end of an endless stream"
 
 
-@pytest.mark.xfail(strict=True, reason=_SIGTERM_BUG + " (here: the server, a destination)")
 def test_sigterm_server_mid_upload_resets_the_destination(launcher: Launcher, sink: Sink) -> None:
     server, local = launcher.pair()
     pusher = Pusher(local.port, sink.port)
@@ -282,13 +276,6 @@ def test_sighup_revokes_a_removed_key_and_its_tickets_but_not_live_connections(
         assert _echo_once(again.sock, b"back") == b"back"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/handler.py:57 ExitServer.set_authorized_keys revokes tickets only "
-    "for key NAMES that disappeared (TicketStore.revoke_peer is by name, utils/handshake.py:310); "
-    "when SIGHUP keeps a name but replaces its key (rotation after a theft), tickets the old "
-    "key got still resume for resumption_lifetime (default 1 h), as that name",
-)
 def test_sighup_key_rotation_revokes_the_old_keys_tickets(
     launcher: Launcher, keys: Keys, tmp_path: Path
 ) -> None:

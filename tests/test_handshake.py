@@ -222,11 +222,20 @@ def test_server_restart_invalidates_tickets(local_key: RsaKey, server_key: RsaKe
         handshake(local_key, server_key, TicketStore(3600), client.new_ticket)
 
 
-def test_revoked_key_loses_its_tickets(local_key: RsaKey, server_key: RsaKey) -> None:
+def test_revoked_key_loses_its_tickets(
+    local_key: RsaKey, server_key: RsaKey, stranger_key: RsaKey
+) -> None:
     store = TicketStore(3600)
     client, _ = handshake(local_key, server_key, store)
-    store.revoke_peer("alice")
-    with pytest.raises(TicketRejected):
+    # The same name now holds another key (a rotation): the old key's ticket must not work.
+    rotated = {key_fingerprint(stranger_key): AuthorizedPeer("alice", stranger_key.public_key())}
+    resumer = ClientHandshake(local_key, server_key.public_key(), client.new_ticket)
+    responder = ServerHandshake(server_key, rotated, store)
+    with pytest.raises(TicketRejected, match="no longer authorized"):
+        responder.receive(resumer.receive(responder.start()))
+    # And the store forgets tickets of keys that are gone.
+    store.keep_only(rotated.keys())
+    with pytest.raises(TicketRejected, match="unknown"):
         handshake(local_key, server_key, store, client.new_ticket)
 
 
@@ -241,7 +250,7 @@ def test_disabled_resumption_stores_nothing(local_key: RsaKey, server_key: RsaKe
 def test_ticket_store_is_bounded() -> None:
     store = TicketStore(3600, capacity=3)
     for index in range(5):
-        store.add(bytes([index]) * 16, b"s" * 32, "alice")
+        store.add(bytes([index]) * 16, b"s" * 32, b"f" * 32)
     assert store.find(b"\x00" * 16) is None and store.find(b"\x01" * 16) is None
     assert store.find(b"\x04" * 16) is not None
 

@@ -28,11 +28,20 @@ class Association:
         self.to_plain = 0
         self.failure: str | None = None
         self._stop = threading.Event()
+        self._aborted = False
         self._last_activity = time.monotonic()
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def abort(self, reason: str) -> None:
+        """Stop at once: no end of stream is sent, so the peer sees the cut."""
+        if self.failure is None:
+            self.failure = reason
+        self._aborted = True
+        self._stop.set()
+        quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
 
     def touch(self) -> None:
         self._last_activity = time.monotonic()
@@ -48,8 +57,9 @@ class Association:
         self._guard(main)
         for task in tasks:
             task.join()
-        with contextlib.suppress(OSError, SockproxyError):
-            self.channel.send_end()
+        if not self._aborted:
+            with contextlib.suppress(OSError, SockproxyError):
+                self.channel.send_end()
         quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
         self.channel.sock.close()
         return self.failure

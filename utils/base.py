@@ -73,11 +73,13 @@ def format_peer(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class ByteCounters(Protocol):
-    """What the access log reads: bytes sent into the channel and out to the plain side."""
+class LiveTunnel(Protocol):
+    """A relay or a UDP association, as the access log and a shutdown see it."""
 
     to_channel: int
     to_plain: int
+
+    def abort(self, reason: str) -> None: ...
 
 
 class _Aborted(Exception):
@@ -176,7 +178,7 @@ class AccessRecord:
     identity: str = ""
     outcome: str = "ok"
     started: float = field(default_factory=time.monotonic)
-    relay: ByteCounters | None = None
+    relay: LiveTunnel | None = None
     plain_is_client: bool = True
 
     @property
@@ -308,6 +310,21 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         finally:
             with self._live_lock:
                 del self._live[id(record)]
+
+    def abort_all(self, reason: str, grace: float = 3.0) -> None:
+        """Abort every live tunnel (their clients get a reset, not a clean-looking EOF) and
+        wait up to ``grace`` seconds for the handlers to close their sockets."""
+        with self._live_lock:
+            records = list(self._live.values())
+        for record in records:
+            if record.relay is not None:
+                record.relay.abort(reason)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._live_lock:
+                if not any(r.relay is not None for r in self._live.values()):
+                    return
+            time.sleep(0.02)
 
     def summary(self) -> list[str]:
         """One line per live connection, then a total (for SIGUSR1)."""

@@ -118,4 +118,5 @@ def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) 
         pass
     server.shutdown()
     server.server_close()
+    server.abort_all("shutting down")
     return 0

@@ -35,7 +35,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from Crypto.Cipher import PKCS1_OAEP
@@ -96,7 +96,7 @@ class Ticket:
     ticket_id: bytes
     secret: bytes = field(repr=False)
     expires_at: float
-    peer_name: str = ""
+    peer_fingerprint: bytes = b""  # on the server: which authorized key it was issued to
 
 
 @dataclass(frozen=True)
@@ -290,10 +290,10 @@ class TicketStore:
     def enabled(self) -> bool:
         return self.lifetime > 0
 
-    def add(self, ticket_id: bytes, secret: bytes, peer_name: str) -> None:
+    def add(self, ticket_id: bytes, secret: bytes, peer_fingerprint: bytes) -> None:
         if not self.enabled:
             return
-        ticket = Ticket(ticket_id, secret, self._clock() + self.lifetime, peer_name)
+        ticket = Ticket(ticket_id, secret, self._clock() + self.lifetime, peer_fingerprint)
         with self._lock:
             self._tickets[ticket_id] = ticket
             while len(self._tickets) > self._capacity:
@@ -307,11 +307,12 @@ class TicketStore:
                 return None
             return ticket
 
-    def revoke_peer(self, peer_name: str) -> None:
-        """Forget the tickets of a key that is no longer authorized."""
+    def keep_only(self, fingerprints: Collection[bytes]) -> None:
+        """Forget the tickets of keys that are no longer authorized (after a SIGHUP)."""
         with self._lock:
-            for ticket_id in [t for t, v in self._tickets.items() if v.peer_name == peer_name]:
-                del self._tickets[ticket_id]
+            for ticket_id, ticket in list(self._tickets.items()):
+                if ticket.peer_fingerprint not in fingerprints:
+                    del self._tickets[ticket_id]
 
 
 # ----------------------------------------------------------------------------- state machines
@@ -504,7 +505,7 @@ class ServerHandshake(_Handshake):
         self.keys = SessionKeys(derived.server_to_client, derived.client_to_server)
         self.done = True
         self.peer_name = peer.name
-        self._tickets.add(derived.ticket_id, derived.resumption_secret, peer.name)
+        self._tickets.add(derived.ticket_id, derived.resumption_secret, fingerprint)
         return answer
 
     def _answer_resume(
@@ -514,6 +515,9 @@ class ServerHandshake(_Handshake):
         ticket = self._tickets.find(body[:TICKET_ID_SIZE])
         if ticket is None:
             raise TicketRejected("unknown or expired resumption ticket")
+        peer = self._authorized.get(ticket.peer_fingerprint)
+        if peer is None:  # its key was removed or replaced since the ticket was issued
+            raise TicketRejected("resumption ticket of a key that is no longer authorized")
         self._transcript += hello_msg.wire
         binder = _binder_key(ticket.secret)
         mac = _expect(finished_msg, CLIENT_FINISHED, MAC_SIZE)
@@ -523,6 +527,6 @@ class ServerHandshake(_Handshake):
         derived = _derive(secret, self._so_far(), RESUMED_KEYS_INFO)
         self.keys = SessionKeys(derived.server_to_client, derived.client_to_server)
         self.done = True
-        self.peer_name = ticket.peer_name
+        self.peer_name = peer.name
         self.resumed = True
         return self._send(SERVER_FINISHED, _mac(binder, SERVER_FINISHED_LABEL, self._so_far()))
