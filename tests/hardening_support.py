@@ -390,6 +390,7 @@ class Received:
     """What the destination got on one connection, and how its reading ended."""
 
     data: bytearray = field(default_factory=bytearray)
+    peer_port: int = 0  # the server's end of this connection (the BND port of the reply)
     ended: str = ""  # "eof", "reset" or "timeout"
     send_error: str = ""
     finished: threading.Event = field(default_factory=threading.Event)
@@ -402,8 +403,8 @@ class Exchange(TCPServer):
         self.received: list[Received] = []
         super().__init__(self._exchange)
 
-    def _exchange(self, conn: socket.socket, _peer: Any) -> None:
-        result = Received()
+    def _exchange(self, conn: socket.socket, peer: Any) -> None:
+        result = Received(peer_port=peer[1])
         self.received.append(result)
         conn.settimeout(TRANSFER_TIMEOUT)
         try:
@@ -443,6 +444,7 @@ class ClientOutcome:
     """What the SOCKS client saw: the reply (None if none came), the download, the end."""
 
     reply: int | None = None
+    bind_port: int = 0  # the server's end of its connection to the destination
     downloaded: bytes = b""
     ended: str = ""  # "eof", "reset" or "timeout"
     seconds: float = 0.0
@@ -458,8 +460,9 @@ def exchange(local_port: int, dest_port: int, timeout: float = TRANSFER_TIMEOUT)
             socks_handshake(sock)
             sock.sendall(build_request(Request(CMD_CONNECT, Address("127.0.0.1", dest_port))))
             buf = bytearray()
-            reply, _bind, used = recv_parsed(sock, buf, parse_reply)
+            reply, bind, used = recv_parsed(sock, buf, parse_reply)
             outcome.reply = int(reply)
+            outcome.bind_port = bind.port
             rest = bytes(buf[used:])
         except EOFError:
             outcome.ended = "eof"

@@ -166,7 +166,13 @@ def _run_case(lane: Lane, phase: str, direction: str, action: str) -> CaseOutcom
             lane.relay.plan = None
         result.links = lane.relay.links[links_before:]
         closed = lane.relay.wait_idle(result.links, CLOSE_LIMIT)
-        result.received = lane.destination.received[received_before:]
+        # Only this case's destination connection: one from an earlier case can still be
+        # waiting in the listen queue when the case starts.
+        result.received = [
+            r
+            for r in lane.destination.received[received_before:]
+            if not result.client.bind_port or r.peer_port == result.client.bind_port
+        ]
         done = wait_for(lambda: all(r.finished.is_set() for r in result.received), CLOSE_LIMIT)
         result.all_closed = closed and done
     except Exception as exc:  # reported by the case's own test
