@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
 import threading
+from typing import Any
 
 from server.udp import ExitAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler, describe, set_nodelay
@@ -32,6 +34,24 @@ from utils.socks5 import (
 log = logging.getLogger("sockproxy.server")
 
 NO_ADDRESS = Address("0.0.0.0", 0)
+
+
+def _resolve(address: Address) -> list[tuple[Any, ...]]:
+    """getaddrinfo, without the resolver round trip for an IP literal (most requests)."""
+    ip = _ip_literal(address.host)
+    if ip is None:
+        return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    if ip.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (address.host, address.port))]
+    return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (address.host, address.port, 0, 0))]
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 class ExitServer(ProxyServer):
@@ -116,7 +136,7 @@ class ExitHandler(TunnelHandler):
         config = self.server.config
         address = request.address
         try:
-            candidates = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            candidates = _resolve(address)
         except UnicodeError:  # the idna codec refuses the name (e.g. a label over 63 bytes)
             return None, Reply.HOST_UNREACHABLE
         except OSError as exc:

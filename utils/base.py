@@ -220,7 +220,8 @@ class TunnelHandler(socketserver.BaseRequestHandler):
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
         finally:
-            access_log.info("%s", record.line())
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("%s", record.line())
 
     def serve(self, record: AccessRecord) -> None:
         raise NotImplementedError

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -179,16 +180,22 @@ class PaddingSource:
     """Padding bytes from AES-256-CTR under a fresh random key: a fast CSPRNG.
 
     The padding is encrypted anyway; what matters is that it is unpredictable and cheap.
+    One source serves every connection of the process (setting up a cipher costs more
+    than a short connection's padding); the lock keeps the keystream from being reused.
     """
 
     def __init__(self, seed: bytes | None = None) -> None:
         key_and_iv = seed if seed is not None else os.urandom(KEY_SIZE + 16)
         cipher = Cipher(algorithms.AES(key_and_iv[:KEY_SIZE]), modes.CTR(key_and_iv[KEY_SIZE:]))
         self._stream = cipher.encryptor()
+        self._lock = threading.Lock()
 
     def take(self, size: int) -> bytes:
-        with memoryview(_ZEROS) as zeros:
+        with self._lock, memoryview(_ZEROS) as zeros:
             return self._stream.update(zeros[:size])
+
+
+PADDING = PaddingSource()
 
 
 class RecordSealer:
@@ -197,7 +204,7 @@ class RecordSealer:
     def __init__(self, key: bytes, padding: Callable[[int], bytes] | None = None) -> None:
         self._aead = AESGCM(key)
         self._counter = 0
-        self._padding = padding if padding is not None else PaddingSource().take
+        self._padding = padding if padding is not None else PADDING.take
         self.ended = False
 
     def _seal(self, plaintext: bytes | bytearray) -> bytes:
