@@ -259,10 +259,6 @@ class RecordOpener:
             return self._pending_cells * CELL_SIZE + TAG_SIZE
         return SEALED_COUNT_SIZE
 
-    def wanted(self) -> int:
-        """Bytes still missing before the next record step can run (for exact reads)."""
-        return max(self._next_size() - len(self._buffer), 0)
-
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take wire bytes; return the payloads of every record they complete."""
         if self.ended and data:

@@ -70,11 +70,6 @@ class Channel:
         self._ready: list[bytes] = []
         self._read_size = ReadSize(RECV_SIZE)
 
-    @property
-    def remote_ended(self) -> bool:
-        """True once the peer's authenticated end-of-stream record has arrived."""
-        return self._opener.ended and not self._ready
-
     def seal(self, payload: bytes | bytearray | memoryview) -> bytes:
         """The records for ``payload``, for a caller that sends them with other bytes."""
         return self._sealer.seal(payload)
