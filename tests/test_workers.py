@@ -82,3 +82,30 @@ def test_completion_joins() -> None:
     task = Completion(slow)
     task.join()
     assert result == [1]
+
+
+def test_workers_leave_instead_of_parking_during_a_burst() -> None:
+    """With many tasks running, a finished worker exits (its stack pages go back to the OS)."""
+    pool = WorkerPool(keep_idle=5.0, max_idle=8, reuse_below=4)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(5)
+
+    def quick() -> None:
+        started.release()
+
+    before = threading.active_count()
+    for _ in range(6):
+        pool.submit(hold)
+    for _ in range(6):
+        assert started.acquire(timeout=5)
+    pool.submit(quick)  # runs and ends while 6 are busy: its worker must not park
+    assert started.acquire(timeout=5)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before + 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before + 6
+    release.set()
