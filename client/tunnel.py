@@ -23,6 +23,10 @@ log = logging.getLogger("sockproxy.tunnel")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
+# A server that refuses a ticket it issued moments ago has resumption turned off:
+# stop offering tickets to it for a while instead of paying a wasted round trip each time.
+FRESH_TICKET_AGE = 5.0
+RESUMPTION_PAUSE = 600.0
 
 
 class TunnelUnavailable(SockproxyError):
@@ -39,8 +43,14 @@ class TicketCache:
     def __init__(self, lifetime: float) -> None:
         self.lifetime = lifetime
         self._ticket: Ticket | None = None
+        self._stored_at = 0.0
+        self._paused_until = 0.0
         self._lock = threading.Lock()
         self._leader = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.lifetime > 0 and time.monotonic() >= self._paused_until
 
     def current(self) -> Ticket | None:
         with self._lock:
@@ -49,19 +59,24 @@ class TicketCache:
             return self._ticket
 
     def store(self, ticket: Ticket | None) -> None:
-        if ticket is not None and self.lifetime > 0:
+        if ticket is not None and self.enabled:
             with self._lock:
                 self._ticket = ticket
+                self._stored_at = time.monotonic()
 
     def forget(self, ticket: Ticket) -> None:
+        """The server refused ``ticket``: drop it (and pause resumption if it was fresh)."""
         with self._lock:
-            if self._ticket is ticket:
-                self._ticket = None
+            if self._ticket is not ticket:
+                return
+            self._ticket = None
+            if time.monotonic() - self._stored_at < FRESH_TICKET_AGE:
+                self._paused_until = time.monotonic() + RESUMPTION_PAUSE
 
     @contextlib.contextmanager
     def full_handshake_turn(self, deadline: Deadline) -> Iterator[Ticket | None]:
         """Wait for our turn at a full handshake; yields a ticket if one appeared meanwhile."""
-        if self.lifetime <= 0:
+        if not self.enabled:
             yield None
             return
         if not self._leader.acquire(timeout=deadline.remaining()):
@@ -116,9 +131,17 @@ class Connector:
     def open(self, request: Request, deadline: Deadline) -> tuple[Channel, Reply, Address]:
         """A channel whose server has answered ``request``, with its reply and bind address."""
         last_error: BaseException | None = None
-        for server in self._in_order():
+        servers = self._in_order()
+        for index, server in enumerate(servers):
             try:
-                channel = self._handshake(server, deadline, encode_tunnel_request(request))
+                left = deadline.remaining()
+            except TimeoutError:
+                break  # out of time: the servers not tried have not failed
+            # Each server gets a fair share of what is left, so one that hangs cannot
+            # use up the time of the ones behind it.
+            share = Deadline(left / (len(servers) - index))
+            try:
+                channel = self._handshake(server, share, encode_tunnel_request(request))
             except (OSError, SockproxyError) as exc:
                 server.failed()
                 log.warning("server %s failed: %s", server.name, describe(exc))
@@ -150,20 +173,25 @@ class Connector:
         answers and then closes on our ticket makes us forget it and start over.
         """
         ticket = server.tickets.current()
-        if ticket is not None:
-            sock = self._connect(server.endpoint, deadline)
-            try:
-                return self._run(server, sock, ticket, deadline, request)
-            except (OSError, ProtocolError) as exc:
-                server.tickets.forget(ticket)
-                log.info(
-                    "resumption with %s failed (%s); full handshake", server.name, describe(exc)
-                )
-        with server.tickets.full_handshake_turn(deadline) as fresh:
-            if fresh is None:
-                sock = self._connect(server.endpoint, deadline)
-                return self._run(server, sock, None, deadline, request)
-        return self._run(server, self._connect(server.endpoint, deadline), fresh, deadline, request)
+        if ticket is None:
+            with server.tickets.full_handshake_turn(deadline) as fresh:
+                if fresh is None:
+                    return self._attempt(server, None, deadline, request)
+            ticket = fresh  # another connection's full handshake left one meanwhile
+        sock = self._connect(server.endpoint, deadline)  # unreachable: failover, not a refusal
+        try:
+            return self._run(server, sock, ticket, deadline, request)
+        except (OSError, ProtocolError) as exc:
+            server.tickets.forget(ticket)
+            log.info("resumption with %s failed (%s); full handshake", server.name, describe(exc))
+        return self._attempt(server, None, deadline, request)
+
+    def _attempt(
+        self, server: ServerState, ticket: Ticket | None, deadline: Deadline, request: bytes
+    ) -> Channel:
+        return self._run(
+            server, self._connect(server.endpoint, deadline), ticket, deadline, request
+        )
 
     def _connect(self, endpoint: ServerEndpoint, deadline: Deadline) -> socket.socket:
         timeout = min(self._connect_timeout, deadline.remaining())

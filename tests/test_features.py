@@ -18,6 +18,7 @@ from tests.conftest import (
     HTTPFiles,
     Launcher,
     Program,
+    TCPServer,
     access_lines,
     run_curl,
     socks_handshake,
@@ -329,3 +330,58 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------- tunnels
+
+
+def _hold(conn: socket.socket, _peer: object) -> None:
+    """A 'server' that accepts and never says a word."""
+    conn.recv(1 << 16)
+
+
+def test_failover_past_a_server_that_accepts_but_never_speaks(
+    launcher: Launcher, echo_server: TCPServer
+) -> None:
+    mute = TCPServer(_hold)
+    try:
+        real = launcher.server()
+        servers = [
+            {"server_address": "127.0.0.1", "server_port": port, "server_public_key": key}
+            for port, key in (
+                (mute.port, launcher.keys.path("server_public")),
+                (real.port, launcher.keys.path("server_public")),
+            )
+        ]
+        config = launcher.local_config(real.port, servers=servers, handshake_timeout=4)
+        for single in ("server_address", "server_port", "server_public_key"):
+            del config[single]
+        local = launcher.start("local.py", config, "local_port")
+        local.wait_ready()
+        result = socks_request(local.port, "127.0.0.1", echo_server.port)
+        result.sock.close()
+        assert result.reply == Reply.SUCCEEDED  # the mute server did not use up all the time
+        assert mute.peers, "the first server was tried"
+    finally:
+        mute.close()
+
+
+def test_local_copes_with_a_server_that_has_resumption_off(
+    launcher: Launcher, echo_server: TCPServer
+) -> None:
+    _, local = launcher.pair(server={"resumption_lifetime": 0})
+    results: list[Reply] = []
+
+    def one() -> None:
+        result = socks_request(local.port, "127.0.0.1", echo_server.port)
+        result.sock.close()
+        results.append(result.reply)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for _ in range(3):
+        one()
+    assert results == [Reply.SUCCEEDED] * 9

@@ -43,10 +43,15 @@ def set_nodelay(sock: socket.socket) -> None:
         pass  # not a TCP socket (tests with socketpair) or already closed
 
 
-def close_with_reset(sock: socket.socket) -> None:
-    """Close so that the peer sees a reset, not an EOF: the transfer did not complete."""
+def set_reset_on_close(sock: socket.socket) -> None:
+    """From now on, closing ``sock`` (or exiting) resets the connection instead of a FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset, not an EOF: the transfer did not complete."""
+    set_reset_on_close(sock)
     sock.close()
 
 
@@ -122,7 +127,9 @@ class Relay:
             if self.failure is not None:
                 return
             self.failure = reason
-        # SHUT_RD wakes a reader without sending anything; the reset comes at close.
+        # SHUT_RD wakes a reader without sending anything. Linger 0 now, not at close: if
+        # the process exits first (SIGTERM), the kernel must reset, not send a FIN.
+        set_reset_on_close(self.plain)
         quietly_shutdown(self.plain, socket.SHUT_RD)
         quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
 

@@ -10,6 +10,7 @@ import argparse
 import getpass
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -100,22 +101,30 @@ def _log_summary(server: ProxyServer) -> None:
 
 
 def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) -> int:
-    stop = threading.Event()
+    """Serve until SIGINT/SIGTERM (and SIGHUP on the local, which has nothing to reload).
 
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        stop.set()
+    Signal handlers only queue what to do; the main thread does it, so a second signal can
+    never interrupt a reload or a summary that holds a lock.
+    """
+    requests: queue.SimpleQueue[int] = queue.SimpleQueue()
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    if on_reload is not None:
-        signal.signal(signal.SIGHUP, lambda _s, _f: on_reload(server))
-    signal.signal(signal.SIGUSR1, lambda _s, _f: _log_summary(server))
+    def queue_signal(signum: int, _frame: FrameType | None) -> None:
+        requests.put(signum)
+
+    for handled in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(handled, queue_signal)
     loop = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     loop.start()
     log.info("listening on %s", format_peer(server.server_address))
-    while not stop.wait(3600):
-        pass
+    while True:
+        signum = requests.get()
+        if signum == signal.SIGUSR1:
+            _log_summary(server)
+        elif signum == signal.SIGHUP and on_reload is not None:
+            on_reload(server)
+        else:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            break
     server.shutdown()
     server.server_close()
     server.abort_all("shutting down")
