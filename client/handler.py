@@ -73,7 +73,11 @@ class LocalHandler(TunnelHandler):
         except BaseException:
             client.sendall(answer(Reply.GENERAL_FAILURE, None))
             raise
-        client.sendall(answer(reply, bind))
+        try:
+            client.sendall(answer(reply, bind))
+        except BaseException:
+            channel.sock.close()
+            raise
         if reply != Reply.SUCCEEDED:
             channel.sock.close()
             record.outcome = reply.name.lower()

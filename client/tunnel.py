@@ -23,10 +23,6 @@ log = logging.getLogger("sockproxy.tunnel")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
-# A server that refuses a ticket it issued moments ago has resumption turned off:
-# stop offering tickets to it for a while instead of paying a wasted round trip each time.
-FRESH_TICKET_AGE = 5.0
-RESUMPTION_PAUSE = 600.0
 
 
 class TunnelUnavailable(SockproxyError):
@@ -43,14 +39,12 @@ class TicketCache:
     def __init__(self, lifetime: float) -> None:
         self.lifetime = lifetime
         self._ticket: Ticket | None = None
-        self._stored_at = 0.0
-        self._paused_until = 0.0
         self._lock = threading.Lock()
         self._leader = threading.Lock()
 
     @property
     def enabled(self) -> bool:
-        return self.lifetime > 0 and time.monotonic() >= self._paused_until
+        return self.lifetime > 0
 
     def current(self) -> Ticket | None:
         with self._lock:
@@ -62,16 +56,12 @@ class TicketCache:
         if ticket is not None and self.enabled:
             with self._lock:
                 self._ticket = ticket
-                self._stored_at = time.monotonic()
 
     def forget(self, ticket: Ticket) -> None:
-        """The server refused ``ticket``: drop it (and pause resumption if it was fresh)."""
+        """The server refused ``ticket`` (restarted, expired it, or has resumption off)."""
         with self._lock:
-            if self._ticket is not ticket:
-                return
-            self._ticket = None
-            if time.monotonic() - self._stored_at < FRESH_TICKET_AGE:
-                self._paused_until = time.monotonic() + RESUMPTION_PAUSE
+            if self._ticket is ticket:
+                self._ticket = None
 
     @contextlib.contextmanager
     def full_handshake_turn(self, deadline: Deadline) -> Iterator[Ticket | None]:

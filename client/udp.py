@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
@@ -91,6 +92,8 @@ class LocalAssociation(Association):
         self.datagrams_from_channel(self._to_client)
 
     def _to_client(self, source: Address, data: bytes) -> None:
-        if self._client is not None:
+        if self._client is None:
+            return
+        with contextlib.suppress(OSError):  # e.g. EMSGSIZE: drop the datagram, as UDP would
             self._udp.sendto(build_socks_datagram(source, data), self._client)
             self.to_plain += len(data)

@@ -6,7 +6,6 @@ import functools
 import ipaddress
 import logging
 import socket
-import threading
 from typing import Any
 
 from server.udp import ExitAssociation
@@ -59,7 +58,6 @@ class ExitServer(ProxyServer):
         self.config = config
         self.tickets = TicketStore(config.resumption_lifetime)
         self.authorized: dict[bytes, AuthorizedPeer] = {}
-        self._keys_lock = threading.Lock()
         self.set_authorized_keys(config.authorized_keys)
         super().__init__(
             (config.address, config.port), ExitHandler, config.whitelist, config.max_connections
@@ -73,8 +71,7 @@ class ExitServer(ProxyServer):
     def set_authorized_keys(self, keys: tuple[AuthorizedKey, ...]) -> None:
         """Swap in a new key list; tickets of keys that are gone stop working at once."""
         table = {key.fingerprint: AuthorizedPeer(key.name, key.key) for key in keys}
-        with self._keys_lock:
-            self.authorized = table
+        self.authorized = table  # one assignment: handshakes see the old or the new table
         self.tickets.keep_only(table.keys())
 
 
@@ -108,14 +105,19 @@ class ExitHandler(TunnelHandler):
             record.outcome = reply.name.lower()
             self._refuse(channel, reply)
             return
-        set_nodelay(target)
-        host, port = target.getsockname()[:2]
-        channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
+        try:
+            set_nodelay(target)
+            host, port = target.getsockname()[:2]
+            channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
+        except BaseException:
+            target.close()
+            channel.sock.close()
+            raise
         self.relay(target, channel, record)
 
     def _associate(self, channel: Channel, record: AccessRecord) -> None:
+        association = ExitAssociation(channel, self.server.config)  # its socket first
         channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
-        association = ExitAssociation(channel, self.server.config)
         record.relay = association
         failure = association.serve()
         if failure is not None:
@@ -150,10 +152,11 @@ class ExitHandler(TunnelHandler):
             log.warning("destination %s denied by the rules", address)
             return None, Reply.NOT_ALLOWED
         last_error: OSError = OSError("no address")
+        deadline = Deadline(config.timeouts.connect)  # for all addresses together
         for family, kind, proto, _, sockaddr in allowed:
             sock = socket.socket(family, kind, proto)
-            sock.settimeout(config.timeouts.connect)
             try:
+                deadline.arm(sock)
                 sock.connect(sockaddr)
             except OSError as exc:
                 sock.close()

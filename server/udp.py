@@ -15,17 +15,29 @@ from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
 log = logging.getLogger("sockproxy.udp")
 
+MAX_ANSWER = MAX_DATAGRAM - 19  # what still fits a channel frame with an IPv6 source
+
 
 def open_udp_socket() -> socket.socket:
     """A dual-stack socket (IPv4 through mapped addresses), or IPv4 only where v6 is off."""
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     except OSError:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("0.0.0.0", 0))
-        return sock
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(("::", 0))
+        return _bound(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("0.0.0.0", 0))
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except OSError:
+        sock.close()
+        raise
+    return _bound(sock, ("::", 0))
+
+
+def _bound(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -88,8 +100,8 @@ class ExitAssociation(Association):
             except TimeoutError:
                 continue
             peer = plain_ip(source[0]), source[1]
-            if peer not in self._peers:
-                continue
+            if peer not in self._peers or len(data) > MAX_ANSWER:
+                continue  # not an answer, or too big to frame with its address: dropped
             self.channel.send(encode_channel_datagram(Address(*peer), data))
             self.to_channel += len(data)
             self.touch()

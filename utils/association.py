@@ -52,9 +52,12 @@ class Association:
 
     def run(self, main: Callable[[], None], *workers: Callable[[], None]) -> str | None:
         """Run ``workers`` in threads and ``main`` here; when any returns, stop them all."""
-        self.channel.sock.settimeout(POLL_INTERVAL)
+        # A long timeout: a send that waits on a full buffer must not fail after a poll
+        # interval. The reader is woken by SHUT_RD when the association stops.
+        self.channel.sock.settimeout(self.idle_timeout)
         tasks = [Completion(self._guard, work) for work in workers]
         self._guard(main)
+        quietly_shutdown(self.channel.sock, socket.SHUT_RD)
         for task in tasks:
             task.join()
         if not self._aborted:
@@ -70,6 +73,7 @@ class Association:
         except (OSError, SockproxyError) as exc:
             if not self.stopping:
                 self.failure = describe(exc)
+                self._aborted = True  # a record may be half-sent: no end of stream after it
         finally:
             self._stop.set()
 

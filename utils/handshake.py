@@ -9,7 +9,9 @@ Full handshake (both sides hold an RSA key pair and the other's public key)::
     server -> local   ServerKey        random X2, RSA-OAEP(local key, X25519 share Y2)
     server -> local   ServerSignature  RSA-PSS(server key, transcript so far)
 
-Each side checks the peer's signature before it does any private-key operation. The keys
+The server checks the local's signature before any private-key operation, so a stranger
+never costs it an RSA decryption or signature; the local signs first (the server must not
+sign for strangers) and checks the server's signature before it decrypts. The keys
 come from HKDF-SHA256 over the X25519 secret, salted with the hash of the whole transcript.
 
 Resumed handshake (no RSA at all; the ticket comes from an earlier full handshake)::
@@ -262,9 +264,9 @@ class _Ephemeral:
 
 @dataclass(frozen=True)
 class _Derived:
-    client_to_server: bytes
-    server_to_client: bytes
-    resumption_secret: bytes
+    client_to_server: bytes = field(repr=False)
+    server_to_client: bytes = field(repr=False)
+    resumption_secret: bytes = field(repr=False)
     ticket_id: bytes
 
 

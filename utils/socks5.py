@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import hashlib
 import hmac
 import ipaddress
 import socket
@@ -280,10 +281,18 @@ def build_reply(reply: Reply | int, bind: Address | None = None) -> bytes:
 def credentials_match(
     expected_user: bytes, expected_password: bytes, user: bytes, password: bytes
 ) -> bool:
-    """Compare both fields in constant time; both comparisons always run."""
-    user_ok = hmac.compare_digest(expected_user, user)
-    password_ok = hmac.compare_digest(expected_password, password)
+    """Compare both fields in constant time; both comparisons always run.
+
+    Digests are compared, not the fields: compare_digest returns early on a length
+    mismatch, which would tell an attacker how long the password is.
+    """
+    user_ok = hmac.compare_digest(_digest(expected_user), _digest(user))
+    password_ok = hmac.compare_digest(_digest(expected_password), _digest(password))
     return user_ok & password_ok
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 @dataclass(frozen=True)
