@@ -18,9 +18,9 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import Channel, ReadSize
@@ -29,6 +29,7 @@ from utils.errors import SockproxyError
 from utils.workers import WORKERS, Completion
 
 log = logging.getLogger("sockproxy")
+T = TypeVar("T")
 access_log = logging.getLogger("sockproxy.access")
 
 LISTEN_BACKLOG = 4096
@@ -113,7 +114,7 @@ class Relay:
         upstream.join()
         return self.failure
 
-    def _guard(self, pump: Any, *args: Any) -> None:
+    def _guard(self, pump: Callable[..., None], *args: Any) -> None:
         try:
             pump(*args)
         except _Aborted:
@@ -155,7 +156,7 @@ class Relay:
         self._check_not_aborted()
         self.plain.shutdown(socket.SHUT_WR)
 
-    def _wait(self, operation: Any) -> Any:
+    def _wait(self, operation: Callable[[], T]) -> T:
         """Run a blocking read; on timeout keep waiting while the other direction is busy."""
         while True:
             self._check_not_aborted()
