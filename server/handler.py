@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import socket
@@ -20,6 +19,8 @@ from utils.handshake import (
     TicketStore,
 )
 from utils.socks5 import (
+    ATYP_IPV4,
+    ATYP_IPV6,
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
     Address,
@@ -37,20 +38,11 @@ NO_ADDRESS = Address("0.0.0.0", 0)
 
 def _resolve(address: Address) -> list[tuple[Any, ...]]:
     """getaddrinfo, without the resolver round trip for an IP literal (most requests)."""
-    ip = _ip_literal(address.host)
-    if ip is None:
-        return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
-    if ip.version == 4:
+    if address.atyp == ATYP_IPV4:
         return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (address.host, address.port))]
-    return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (address.host, address.port, 0, 0))]
-
-
-@functools.lru_cache(maxsize=1024)
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
+    if address.atyp == ATYP_IPV6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (address.host, address.port, 0, 0))]
+    return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
 
 
 class ExitServer(ProxyServer):

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from utils.errors import AuthenticationError, ProtocolError, TicketRejected
+from utils.keys import fingerprint_bytes
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
@@ -109,9 +110,9 @@ class AuthorizedPeer:
     key: RsaKey = field(repr=False)
 
 
-def key_fingerprint(key: RsaKey) -> bytes:
-    """SHA-256 of the DER SubjectPublicKeyInfo: how a local names its key to the server."""
-    return hashlib.sha256(key.public_key().export_key(format="DER")).digest()
+# How a local names its key to the server: SHA-256 of the DER SubjectPublicKeyInfo, the
+# same digest the server's config computes for its authorized keys.
+key_fingerprint = fingerprint_bytes
 
 
 # ----------------------------------------------------------------------------- framing
