@@ -7,10 +7,11 @@ import socket
 
 from client.tunnel import Connector
 from client.udp import LocalAssociation
-from utils.base import AccessRecord, ProxyServer, TunnelHandler
+from utils.base import AccessRecord, ProxyServer, TunnelHandler, wait_readable
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig
 from utils.errors import AuthenticationError, Socks5Error
+from utils.handshake import MAX_EARLY_DATA
 from utils.httpconnect import (
     HttpProxyError,
     looks_like_http,
@@ -38,6 +39,8 @@ from utils.socks5 import (
 from utils.udp import plain_ip
 
 log = logging.getLogger("sockproxy.local")
+
+FAST_OPEN_WAIT = 0.02  # how long fast open waits for the client's first bytes (s)
 
 
 class LocalServer(ProxyServer):
@@ -68,21 +71,41 @@ class LocalHandler(TunnelHandler):
             record.outcome = Reply.COMMAND_NOT_SUPPORTED.name.lower()
             return
         answer = _http_answer if http else _socks_answer
+        if config.fast_open:
+            client.sendall(answer(Reply.SUCCEEDED, None))
+            self._fast_open(client, request, deadline, record, pending)
+            return
         try:
-            channel, reply, bind = self.server.connector.open(request, deadline)
+            stream, reply, bind = self.server.connector.open(request, deadline)
         except BaseException:
             client.sendall(answer(Reply.GENERAL_FAILURE, None))
             raise
         try:
             client.sendall(answer(reply, bind))
         except BaseException:
-            channel.sock.close()
+            stream.abort("client gone")
+            stream.close()
             raise
         if reply != Reply.SUCCEEDED:
-            channel.sock.close()
             record.outcome = reply.name.lower()
             return
-        self.relay(client, channel, record, pending)
+        self.relay(client, stream, record, pending)
+
+    def _fast_open(
+        self,
+        client: socket.socket,
+        request: Request,
+        deadline: Deadline,
+        record: AccessRecord,
+        pending: bytes,
+    ) -> None:
+        """The client has its answer already: send its first bytes with the request, so the
+        first response byte comes one round trip to the server later. A destination that
+        cannot be reached then shows as a reset of the client's connection, not a REP code."""
+        if not pending and wait_readable(client, FAST_OPEN_WAIT):
+            pending = client.recv(MAX_EARLY_DATA - 512)  # b"" (an EOF) reappears in the relay
+        stream, _, _ = self.server.connector.open(request, deadline, early=pending, wait=False)
+        self.relay(client, stream, record)
 
     def _associate(
         self, client: socket.socket, request: Request, deadline: Deadline, record: AccessRecord
@@ -93,14 +116,13 @@ class LocalHandler(TunnelHandler):
         relay_socket = socket.socket(family, socket.SOCK_DGRAM)
         try:
             relay_socket.bind((host, 0))
-            channel, reply, _ = self.server.connector.open(request, deadline)
+            stream, reply, _ = self.server.connector.open(request, deadline)
         except BaseException:
             relay_socket.close()
             client.sendall(build_reply(Reply.GENERAL_FAILURE))
             raise
         if reply != Reply.SUCCEEDED:
             relay_socket.close()
-            channel.sock.close()
             client.sendall(build_reply(reply))
             record.outcome = reply.name.lower()
             return
@@ -108,12 +130,15 @@ class LocalHandler(TunnelHandler):
         association = LocalAssociation(
             client,
             relay_socket,
-            channel,
+            stream,
             client=(self.client_address[0], request.address.port),
             idle_timeout=self.idle_timeout,
         )
         record.relay = association
-        failure = association.serve()
+        try:
+            failure = association.serve()
+        finally:
+            stream.close()
         if failure is not None:
             record.outcome = f"aborted: {failure}"
 

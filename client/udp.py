@@ -7,8 +7,8 @@ import logging
 import socket
 
 from utils.association import POLL_INTERVAL, Association
-from utils.channel import Channel
 from utils.errors import Socks5Error
+from utils.session import Stream
 from utils.socks5 import Address
 from utils.udp import (
     MAX_DATAGRAM,
@@ -32,12 +32,12 @@ class LocalAssociation(Association):
         self,
         control: socket.socket,
         relay_socket: socket.socket,
-        channel: Channel,
+        stream: Stream,
         *,
         client: tuple[str, int],
         idle_timeout: float,
     ) -> None:
-        super().__init__(channel, idle_timeout)
+        super().__init__(stream, idle_timeout)
         self._control = control
         self._udp = relay_socket
         self._client_ip = plain_ip(client[0])
@@ -75,7 +75,7 @@ class LocalAssociation(Association):
             except Socks5Error as exc:
                 log.debug("dropped a datagram: %s", exc)
                 continue
-            self.channel.send(encode_channel_datagram(destination, payload))
+            self.send(encode_channel_datagram(destination, payload))
             self.to_channel += len(payload)
             self.touch()
 

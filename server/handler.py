@@ -1,23 +1,42 @@
-"""server.py's side: accept a tunnel, run the handshake, connect to the destination, relay."""
+"""server.py's side: accept a session, stay silent unless it authenticates, then serve
+each stream: connect to its destination and relay."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
+from server.replay import ReplayFilter
 from server.udp import ExitAssociation
-from utils.base import AccessRecord, ProxyServer, TunnelHandler, describe, set_nodelay
-from utils.channel import Channel, Deadline, server_handshake
+from utils.base import (
+    AccessRecord,
+    ProxyServer,
+    describe,
+    format_peer,
+    log_access,
+    relay_and_close,
+    set_nodelay,
+)
+from utils.channel import Deadline, recv_some
 from utils.config import AuthorizedKey, ServerConfig
+from utils.crypto import rsa_sign
 from utils.errors import SockproxyError
 from utils.handshake import (
-    PRIVATE_KEY_OPERATIONS,
     AuthorizedPeer,
+    ClientInit,
     ServerHandshake,
-    TicketStore,
+    UnknownKey,
+    server_secret,
 )
+from utils.keys import fingerprint_text
+from utils.session import Session, Stream
 from utils.socks5 import (
     ATYP_IPV4,
     ATYP_IPV6,
@@ -30,10 +49,50 @@ from utils.socks5 import (
     encode_tunnel_reply,
     reply_for_error,
 )
+from utils.workers import WORKERS
 
 log = logging.getLogger("sockproxy.server")
 
 NO_ADDRESS = Address("0.0.0.0", 0)
+
+
+SESSION_TIMEOUT = 60.0  # a session with no byte for this long is dead (locals ping every 10 s)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, UnknownKey):
+        return (
+            f"unknown local key {fingerprint_text(exc.fingerprint)}: add its public key file "
+            f'to "authorized_keys" (or "local_public_key") in the server config to let it in'
+        )
+    return describe(exc)
+
+
+def _stay_silent(sock: socket.socket, deadline: Deadline) -> None:
+    """Read and discard until the handshake deadline, then let the caller close: the
+    peer sees the same silence and the same moment of closing whatever it sent."""
+    while True:
+        try:
+            left = deadline.remaining()
+        except TimeoutError:
+            return
+        try:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                time.sleep(max(left, 0))  # an EOF must not close the connection earlier
+                return
+        except TimeoutError:
+            return
+        except OSError:
+            time.sleep(max(deadline_left(deadline), 0))
+            return
+
+
+def deadline_left(deadline: Deadline) -> float:
+    try:
+        return deadline.remaining()
+    except TimeoutError:
+        return 0.0
 
 
 def _resolve(address: Address) -> list[tuple[Any, ...]]:
@@ -45,83 +104,170 @@ def _resolve(address: Address) -> list[tuple[Any, ...]]:
     return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
 
 
+class _Counter:
+    """A thread-safe count, for the SIGUSR1 summary and the tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
 class ExitServer(ProxyServer):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.tickets = TicketStore(config.resumption_lifetime)
+        self.private_key_operations = _Counter()
+        self.secret = server_secret(config.private_key, self._sign)
+        self.replay = ReplayFilter()
         self.authorized: dict[bytes, AuthorizedPeer] = {}
+        self.stream_slots = threading.BoundedSemaphore(config.max_connections)
+        self._sessions: dict[int, tuple[Session, bytes]] = {}
+        self._sessions_lock = threading.Lock()
         self.set_authorized_keys(config.authorized_keys)
         super().__init__(
             (config.address, config.port), ExitHandler, config.whitelist, config.max_connections
         )
 
+    def _sign(self, message: bytes) -> bytes:
+        self.private_key_operations.add()
+        return rsa_sign(self.config.private_key, message)
+
     def summary(self) -> list[str]:
         lines = super().summary()
-        lines.append(f"rsa private-key operations so far: {PRIVATE_KEY_OPERATIONS.value}")
+        with self._sessions_lock:
+            lines.append(f"{len(self._sessions)} session(s) from locals")
+        lines.append(f"rsa private-key operations so far: {self.private_key_operations.value}")
         return lines
 
     def set_authorized_keys(self, keys: tuple[AuthorizedKey, ...]) -> None:
-        """Swap in a new key list; tickets of keys that are gone stop working at once."""
+        """Swap in a new key list; sessions of keys that are gone end at once."""
         table = {key.fingerprint: AuthorizedPeer(key.name, key.key) for key in keys}
         self.authorized = table  # one assignment: handshakes see the old or the new table
-        self.tickets.keep_only(table.keys())
+        with self._sessions_lock:
+            revoked = [s for s, fp in self._sessions.values() if fp not in table]
+        for session in revoked:
+            session.close("its key is no longer authorized")
+
+    @contextlib.contextmanager
+    def session_tracking(self, session: Session, fingerprint: bytes) -> Iterator[None]:
+        with self._sessions_lock:
+            self._sessions[id(session)] = (session, fingerprint)
+        try:
+            yield
+        finally:
+            with self._sessions_lock:
+                del self._sessions[id(session)]
+
+    def close_sessions(self, reason: str) -> None:
+        with self._sessions_lock:
+            sessions = [session for session, _ in self._sessions.values()]
+        for session in sessions:
+            session.close(reason)
 
 
-class ExitHandler(TunnelHandler):
+class ExitHandler(socketserver.BaseRequestHandler):
+    """One session from a local: the handshake, then a stream per client connection."""
+
     server: ExitServer
-    plain_is_client = False
 
-    def serve(self, record: AccessRecord) -> None:
-        config = self.server.config
-        self.idle_timeout = config.timeouts.idle
-        deadline = Deadline(config.timeouts.handshake)
-        handshake = ServerHandshake(config.private_key, self.server.authorized, self.server.tickets)
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        set_nodelay(sock)
+        self.peer = format_peer(self.client_address)
+        deadline = Deadline(self.server.config.timeouts.handshake)
         try:
-            channel = server_handshake(self.request, handshake, deadline)
+            handshake, init = self._authenticate(sock, deadline)
         except (OSError, SockproxyError) as exc:
-            # Quiet towards the peer (we just close), explicit in our log.
-            log.warning("handshake from %s failed: %s", record.client, describe(exc))
-            raise
-        record.identity = handshake.peer_name + (" resumed" if handshake.resumed else "")
+            # Silent towards the peer, explicit in our log.
+            log.warning("handshake from %s failed: %s", self.peer, _why(exc))
+            _stay_silent(sock, deadline)
+            return
+        self._run_session(sock, handshake, init)
+
+    def _authenticate(
+        self, sock: socket.socket, deadline: Deadline
+    ) -> tuple[ServerHandshake, ClientInit]:
+        handshake = ServerHandshake(self.server.secret, self.server.authorized)
+        init = None
+        while init is None:
+            init = handshake.consume_client_init(
+                recv_some(sock, deadline, max(handshake.bytes_wanted(), 1))
+            )
+        self.server.replay.check(init.random, init.timestamp_ms)
+        return handshake, init
+
+    def _run_session(
+        self, sock: socket.socket, handshake: ServerHandshake, init: ClientInit
+    ) -> None:
+        response = handshake.create_server_response()
+        assert handshake.keys is not None
+        self.identity = init.peer.name
+        session = Session(sock, handshake.keys, f"{self.peer} ({self.identity})")
+        sock.settimeout(SESSION_TIMEOUT)
+        sock.sendall(response)
+        log.info("session from %s (%s) opened", self.peer, self.identity)
+        with self.server.session_tracking(session, init.fingerprint):
+            if self.server.replay.must_defer(init.timestamp_ms):
+                session.defer_early(init.early)
+            else:
+                session.feed_early(init.early, self._on_open)
+            session.accept_pending(handshake.trailing_data(), self._on_open)
+            reason = session.read_loop(self._on_open)
+        log.info("session from %s (%s) ended: %s", self.peer, self.identity, reason or "closed")
+        session.end()
+
+    def _on_open(self, stream: Stream, request: bytes) -> None:
+        WORKERS.submit(self._serve_stream, stream, request)
+
+    def _serve_stream(self, stream: Stream, message: bytes) -> None:
+        record = AccessRecord(self.peer, identity=self.identity, plain_is_client=False)
+        slot = self.server.stream_slots.acquire(blocking=False)
         try:
-            request = decode_tunnel_request(channel.receive_message(deadline))
-            record.target = str(request.address)
-            if request.command == CMD_UDP_ASSOCIATE:
-                self._associate(channel, record)
-                return
-            target, reply = self._connect(request)
-        except BaseException:
-            channel.sock.close()
-            raise
+            with self.server.tracking(record):
+                if not slot:
+                    log.warning("refused a stream from %s: max_connections reached", self.peer)
+                    record.outcome = "max_connections reached"
+                    stream.reply(encode_tunnel_reply(Reply.GENERAL_FAILURE, NO_ADDRESS))
+                    return
+                self._serve_request(stream, decode_tunnel_request(message), record)
+        except (OSError, SockproxyError) as exc:
+            record.outcome = describe(exc)
+            stream.abort(record.outcome)
+        finally:
+            stream.close()
+            if slot:
+                self.server.stream_slots.release()
+            log_access(record)
+
+    def _serve_request(self, stream: Stream, request: Request, record: AccessRecord) -> None:
+        record.target = str(request.address)
+        if request.command == CMD_UDP_ASSOCIATE:
+            self._associate(stream, record)
+            return
+        target, reply = self._connect(request)
         if target is None:
             record.outcome = reply.name.lower()
-            self._refuse(channel, reply)
+            stream.reply(encode_tunnel_reply(reply, NO_ADDRESS))
             return
         try:
             set_nodelay(target)
             host, port = target.getsockname()[:2]
-            channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
+            stream.reply(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
         except BaseException:
             target.close()
-            channel.sock.close()
             raise
-        self.relay(target, channel, record)
+        relay_and_close(target, stream, record, self.server.config.timeouts.idle)
 
-    def _associate(self, channel: Channel, record: AccessRecord) -> None:
-        association = ExitAssociation(channel, self.server.config)  # its socket first
-        channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
+    def _associate(self, stream: Stream, record: AccessRecord) -> None:
+        association = ExitAssociation(stream, self.server.config)  # its socket first
+        stream.reply(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
         record.relay = association
         failure = association.serve()
         if failure is not None:
             record.outcome = f"aborted: {failure}"
-
-    @staticmethod
-    def _refuse(channel: Channel, reply: Reply) -> None:
-        try:
-            channel.send_message(encode_tunnel_reply(reply, NO_ADDRESS))
-            channel.send_end()
-        finally:
-            channel.sock.close()
 
     def _connect(self, request: Request) -> tuple[socket.socket | None, Reply]:
         """Resolve (here, not at the local), check the rules, connect: a socket or a REP code."""

@@ -8,8 +8,8 @@ import logging
 import socket
 
 from utils.association import POLL_INTERVAL, Association
-from utils.channel import Channel
 from utils.config import ServerConfig
+from utils.session import Stream
 from utils.socks5 import Address
 from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
@@ -48,8 +48,8 @@ class ExitAssociation(Association):
     destination this association has sent to come back.
     """
 
-    def __init__(self, channel: Channel, config: ServerConfig) -> None:
-        super().__init__(channel, config.timeouts.idle)
+    def __init__(self, stream: Stream, config: ServerConfig) -> None:
+        super().__init__(stream, config.timeouts.idle)
         self._config = config
         self._udp = open_udp_socket()
         self._peers: set[tuple[str, int]] = set()
@@ -102,6 +102,6 @@ class ExitAssociation(Association):
             peer = plain_ip(source[0]), source[1]
             if peer not in self._peers or len(data) > MAX_ANSWER:
                 continue  # not an answer, or too big to frame with its address: dropped
-            self.channel.send(encode_channel_datagram(Address(*peer), data))
+            self.send(encode_channel_datagram(Address(*peer), data))
             self.to_channel += len(data)
             self.touch()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable
 
-from utils.base import describe, quietly_shutdown
-from utils.channel import Channel
+from utils.base import describe
 from utils.errors import SockproxyError
+from utils.session import Stream
 from utils.socks5 import Address
 from utils.udp import DatagramDecoder
 from utils.workers import Completion
@@ -21,8 +20,8 @@ POLL_INTERVAL = 0.5  # how often blocked threads look at the stop flag
 class Association:
     """Workers move datagrams until one side ends, the association idles out or fails."""
 
-    def __init__(self, channel: Channel, idle_timeout: float) -> None:
-        self.channel = channel
+    def __init__(self, stream: Stream, idle_timeout: float) -> None:
+        self.stream = stream
         self.idle_timeout = idle_timeout
         self.to_channel = 0
         self.to_plain = 0
@@ -41,7 +40,11 @@ class Association:
             self.failure = reason
         self._aborted = True
         self._stop.set()
-        quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
+        self.stream.abort(reason)
+
+    def send(self, payload: bytes) -> None:
+        """One framed datagram into the stream (waits while the peer's window is full)."""
+        self.stream.send(payload, self.idle_timeout)
 
     def touch(self) -> None:
         self._last_activity = time.monotonic()
@@ -52,19 +55,13 @@ class Association:
 
     def run(self, main: Callable[[], None], *workers: Callable[[], None]) -> str | None:
         """Run ``workers`` in threads and ``main`` here; when any returns, stop them all."""
-        # A long timeout: a send that waits on a full buffer must not fail after a poll
-        # interval. The reader is woken by SHUT_RD when the association stops.
-        self.channel.sock.settimeout(self.idle_timeout)
         tasks = [Completion(self._guard, work) for work in workers]
         self._guard(main)
-        quietly_shutdown(self.channel.sock, socket.SHUT_RD)
-        for task in tasks:
+        for task in tasks:  # each looks at the stop flag at least every POLL_INTERVAL
             task.join()
         if not self._aborted:
             with contextlib.suppress(OSError, SockproxyError):
-                self.channel.send_end()
-        quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
-        self.channel.sock.close()
+                self.stream.send_end()
         return self.failure
 
     def _guard(self, work: Callable[[], None]) -> None:
@@ -82,7 +79,7 @@ class Association:
         decoder = DatagramDecoder()
         while not self.stopping:
             try:
-                payloads = self.channel.receive()
+                payloads = self.stream.receive(POLL_INTERVAL)
             except TimeoutError:
                 self.check_idle()
                 continue
@@ -92,3 +89,4 @@ class Association:
             for payload in payloads:
                 for address, data in decoder.feed(payload):
                     handle(address, data)
+                self.stream.consumed(len(payload))

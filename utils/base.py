@@ -1,10 +1,10 @@
 """What local.py and server.py share: the threaded TCP server and the relay.
 
 The relay moves bytes between a plain socket (the SOCKS client on the local, the
-destination on the server) and the encrypted channel, one thread per direction. An EOF on
-one side becomes an authenticated end-of-stream record (and a TCP half-close) on the other,
+destination on the server) and its stream in the encrypted session, one thread per
+direction. An EOF on one side becomes the stream's EOF frame (and a TCP half-close) on the other,
 and the opposite direction keeps flowing until it ends too. Anything abnormal (a record
-that fails authentication, a truncated channel, a reset, an idle timeout) aborts both
+that fails authentication, a lost session, a reset, an idle timeout) aborts both
 directions, and the plain side gets a TCP reset rather than a clean-looking EOF, so that a
 client can never mistake a cut-off transfer for a complete one.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import socketserver
 import struct
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from utils.cells import MAX_RECORD_PAYLOAD
-from utils.channel import Channel, ReadSize
+from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
+from utils.session import Stream
 from utils.workers import WORKERS, Completion
 
 log = logging.getLogger("sockproxy")
@@ -92,12 +94,31 @@ class _Aborted(Exception):
     """The other direction failed; this one stops without a clean end."""
 
 
+POLL_INTERVAL = 1.0  # how often a reader blocked on a quiet plain socket checks for an abort
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read (data, EOF or an error) within ``timeout``.
+
+    A short wait before each read lets a relay notice an abort even where shutdown() from
+    another thread does not wake a blocked recv (Windows). poll() has no FD_SETSIZE limit;
+    select() is the fallback where poll() is missing (Windows, whose select has none).
+    """
+    poll = getattr(select, "poll", None)
+    if poll is None:
+        readable, _, _ = select.select([sock], [], [], timeout)
+        return bool(readable)
+    poller = poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 @dataclass
 class Relay:
-    """Both directions between ``plain`` and ``channel`` until both have ended."""
+    """Both directions between ``plain`` and a stream until both have ended."""
 
     plain: socket.socket
-    channel: Channel
+    stream: Stream
     idle_timeout: float
     to_channel: int = 0
     to_plain: int = 0
@@ -107,8 +128,7 @@ class Relay:
 
     def run(self, pending: bytes = b"") -> str | None:
         """Relay until done; return None on a clean end, else the reason it failed."""
-        self.plain.settimeout(self.idle_timeout)
-        self.channel.sock.settimeout(self.idle_timeout)
+        self.plain.settimeout(self.idle_timeout)  # for sendall towards a slow reader
         upstream = Completion(self._guard, self._pump_up, pending)
         self._guard(self._pump_down)
         upstream.join()
@@ -128,31 +148,37 @@ class Relay:
             if self.failure is not None:
                 return
             self.failure = reason
-        # SHUT_RD wakes a reader without sending anything. Linger 0 now, not at close: if
-        # the process exits first (SIGTERM), the kernel must reset, not send a FIN.
+        # Linger 0 now, not at close: if the process exits first (SIGTERM), the kernel
+        # must reset, not send a FIN. SHUT_RD wakes a blocked reader where it can.
         set_reset_on_close(self.plain)
         quietly_shutdown(self.plain, socket.SHUT_RD)
-        quietly_shutdown(self.channel.sock, socket.SHUT_RDWR)
+        self.stream.abort(reason)
 
     def _pump_up(self, pending: bytes) -> None:
-        """Plain socket -> channel, then the end-of-stream record."""
+        """Plain socket -> stream, then the stream's EOF."""
         if pending:
-            self.channel.send(pending)
+            self.stream.send(pending, self.idle_timeout)
             self.to_channel += len(pending)
         read_size = ReadSize(MAX_RECORD_PAYLOAD)
-        while data := self._wait(lambda: self.plain.recv(read_size.size)):
+        while data := self._wait(lambda: self._read_plain(read_size.size)):
             read_size.update(len(data))
-            self.channel.send(data)
+            self.stream.send(data, self.idle_timeout)
             self.to_channel += len(data)
         self._check_not_aborted()
-        self.channel.send_end()
+        self.stream.send_end()
+
+    def _read_plain(self, size: int) -> bytes:
+        if not wait_readable(self.plain, POLL_INTERVAL):
+            raise TimeoutError("nothing to read yet")
+        return self.plain.recv(size)
 
     def _pump_down(self) -> None:
-        """Channel -> plain socket, then a half-close towards the plain side."""
-        while payloads := self._wait(self.channel.receive):
-            for payload in payloads:
-                self.plain.sendall(payload)
-                self.to_plain += len(payload)
+        """Stream -> plain socket, then a half-close towards the plain side."""
+        while chunks := self._wait(lambda: self.stream.receive(POLL_INTERVAL)):
+            for chunk in chunks:
+                self.plain.sendall(chunk)
+                self.to_plain += len(chunk)
+                self.stream.consumed(len(chunk))
         self._check_not_aborted()
         self.plain.shutdown(socket.SHUT_WR)
 
@@ -228,26 +254,41 @@ class TunnelHandler(socketserver.BaseRequestHandler):
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
         finally:
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info("%s", record.line())
+            log_access(record)
 
     def serve(self, record: AccessRecord) -> None:
         raise NotImplementedError
 
     def relay(
-        self, plain: socket.socket, channel: Channel, record: AccessRecord, pending: bytes = b""
+        self, plain: socket.socket, stream: Stream, record: AccessRecord, pending: bytes = b""
     ) -> None:
-        """Relay until both directions end, then close both sockets (a reset if aborted)."""
-        relay = record.relay = Relay(plain, channel, self.idle_timeout)
-        try:
-            failure = relay.run(pending)
-        finally:
-            channel.sock.close()
-        if failure is None:
-            plain.close()
-        else:
-            record.outcome = f"aborted: {failure}"
-            close_with_reset(plain)
+        relay_and_close(plain, stream, record, self.idle_timeout, pending)
+
+
+def relay_and_close(
+    plain: socket.socket,
+    stream: Stream,
+    record: AccessRecord,
+    idle_timeout: float,
+    pending: bytes = b"",
+) -> None:
+    """Relay until both directions end, then close both (a reset if aborted)."""
+    relay = record.relay = Relay(plain, stream, idle_timeout)
+    try:
+        failure = relay.run(pending)
+    finally:
+        stream.close()
+    if failure is None:
+        plain.close()
+    else:
+        record.outcome = f"aborted: {failure}"
+        close_with_reset(plain)
+
+
+def log_access(record: AccessRecord) -> None:
+    """The connection's access line: never rate-limited, never dropped."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s", record.line())
 
 
 class ProxyServer(socketserver.ThreadingTCPServer):

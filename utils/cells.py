@@ -16,17 +16,13 @@ pure-Python path, which is faster for interactive traffic. Both give identical b
 
 from __future__ import annotations
 
-import os
 import struct
-import threading
 from collections.abc import Callable
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from utils.errors import ChannelError
+from utils.crypto import TAG_SIZE, Aead, PaddingSource
+from utils.errors import AuthenticationError, ChannelError
 
 CELL_SIZE = 64
 CELL_HEADER_SIZE = 4
@@ -34,8 +30,6 @@ MAX_CELL_PAYLOAD = 50
 CELL_VERSION = 1
 MIN_OFFSET = CELL_HEADER_SIZE
 
-TAG_SIZE = 16
-KEY_SIZE = 32
 COUNT_FORMAT = struct.Struct(">H")
 SEALED_COUNT_SIZE = COUNT_FORMAT.size + TAG_SIZE
 MAX_CELLS_PER_RECORD = 2048
@@ -46,7 +40,6 @@ _NONCE = struct.Struct(">4xQ")
 # Below this many cells the numpy set-up costs more than a Python loop.
 _VECTOR_THRESHOLD = 8
 _CELL_BASES = np.arange(MAX_CELLS_PER_RECORD, dtype=np.intp) * CELL_SIZE
-_ZEROS = bytes(MAX_CELLS_PER_RECORD * CELL_SIZE)
 
 
 def cell_count(payload_length: int) -> int:
@@ -176,25 +169,6 @@ def _nonce(counter: int) -> bytes:
     return _NONCE.pack(counter)
 
 
-class PaddingSource:
-    """Padding bytes from AES-256-CTR under a fresh random key: a fast CSPRNG.
-
-    The padding is encrypted anyway; what matters is that it is unpredictable and cheap.
-    One source serves every connection of the process (setting up a cipher costs more
-    than a short connection's padding); the lock keeps the keystream from being reused.
-    """
-
-    def __init__(self, seed: bytes | None = None) -> None:
-        key_and_iv = seed if seed is not None else os.urandom(KEY_SIZE + 16)
-        cipher = Cipher(algorithms.AES(key_and_iv[:KEY_SIZE]), modes.CTR(key_and_iv[KEY_SIZE:]))
-        self._stream = cipher.encryptor()
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> bytes:
-        with self._lock, memoryview(_ZEROS) as zeros:
-            return self._stream.update(zeros[:size])
-
-
 PADDING = PaddingSource()
 
 
@@ -202,7 +176,7 @@ class RecordSealer:
     """Seals one direction of the channel: payload bytes in, record bytes out."""
 
     def __init__(self, key: bytes, padding: Callable[[int], bytes] | None = None) -> None:
-        self._aead = AESGCM(key)
+        self._aead = Aead(key)
         self._counter = 0
         self._padding = padding if padding is not None else PADDING.take
         self.ended = False
@@ -210,7 +184,7 @@ class RecordSealer:
     def _seal(self, plaintext: bytes | bytearray) -> bytes:
         nonce = _nonce(self._counter)
         self._counter += 1
-        return self._aead.encrypt(nonce, plaintext, None)
+        return self._aead.seal(nonce, plaintext)
 
     def seal(self, payload: bytes | bytearray | memoryview) -> bytes:
         """Records carrying ``payload`` (any length, split at MAX_RECORD_PAYLOAD)."""
@@ -240,7 +214,7 @@ class RecordOpener:
     """
 
     def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+        self._aead = Aead(key)
         self._counter = 0
         self._buffer = bytearray()
         self._pending_cells = 0
@@ -250,8 +224,8 @@ class RecordOpener:
         nonce = _nonce(self._counter)
         self._counter += 1
         try:
-            return self._aead.decrypt(nonce, sealed, None)
-        except InvalidTag:
+            return self._aead.open(nonce, sealed)
+        except AuthenticationError:
             raise ChannelError("record failed authentication") from None
 
     def _next_size(self) -> int:

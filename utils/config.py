@@ -23,9 +23,16 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from utils.errors import ConfigError
-from utils.keys import RsaKey, fingerprint_bytes, load_private_key, load_public_key
+from utils.keys import (
+    RsaKey,
+    fingerprint_bytes,
+    load_private_key,
+    load_public_key,
+    load_server_public_key,
+)
 
 __all__ = [
     "AuthorizedKey",
@@ -47,6 +54,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Longest RFC 1929 username or password, in bytes.
 MAX_CREDENTIAL_BYTES = 255
+_K = TypeVar("_K")
 
 
 def _unmapped(ip: IPAddress) -> tuple[IPAddress, ...]:
@@ -118,6 +126,7 @@ class ServerEndpoint:
     address: str
     port: int
     public_key: RsaKey = field(repr=False)
+    static_share: bytes = field(repr=False)  # the server's X25519 share, from its key file
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class LocalConfig:
     timeouts: Timeouts
     max_connections: int
     resumption_lifetime: float
+    fast_open: bool = False
 
 
 # --- field names ---------------------------------------------------------------------------
@@ -197,6 +207,7 @@ _LOCAL_FIELDS = (
         "whitelist",
         "local_private_key",
         "servers",
+        "fast_open",
     }
 )
 
@@ -496,7 +507,7 @@ def _rules(f: _Fields, name: str) -> tuple[DestinationRule, ...]:
     return tuple(rules)
 
 
-def _key_at(f: _Fields, name: str, value: object, loader: Callable[[Path], RsaKey]) -> RsaKey:
+def _key_at(f: _Fields, name: str, value: object, loader: Callable[[Path], _K]) -> _K:
     """Load the key file named by ``value`` (of field ``name``); errors name file and field."""
     if not isinstance(value, str) or not value:
         raise f.error(name, f"expected a path to a key file, got {_show(value)}")
@@ -617,11 +628,10 @@ def reload_authorized_keys(path: Path) -> tuple[AuthorizedKey, ...]:
 
 
 def _endpoint(f: _Fields) -> ServerEndpoint:
-    return ServerEndpoint(
-        address=_host(f, "server_address"),
-        port=_port(f, "server_port"),
-        public_key=_key(f, "server_public_key", load_public_key),
-    )
+    address, port = _host(f, "server_address"), _port(f, "server_port")
+    value = _value(f, "server_public_key", None)
+    key, share = _key_at(f, "server_public_key", value, load_server_public_key)
+    return ServerEndpoint(address=address, port=port, public_key=key, static_share=share)
 
 
 def _servers(f: _Fields) -> tuple[ServerEndpoint, ...]:
@@ -662,4 +672,5 @@ def load_local_config(path: Path, passphrase: bytes | None = None) -> LocalConfi
         timeouts=timeouts,
         max_connections=max_connections,
         resumption_lifetime=lifetime,
+        fast_open=_bool(f, "fast_open", False),
     )

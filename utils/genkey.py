@@ -2,6 +2,7 @@
 
     python3 utils/genkey.py [--dir keys] [--bits 3072] [--force] [--name NAME]
                             [--passphrase-env VAR]
+    python3 utils/genkey.py --export-public PRIVATE_KEY [--passphrase-env VAR]
 
 Without ``--name`` it writes two independent pairs, ``local_*.pem`` and
 ``server_*.pem``. The server keeps ``server_private.pem`` and ``local_public.pem``;
@@ -18,7 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.errors import ConfigError
-from utils.keys import MIN_BITS, fingerprint, generate_pair, pair_paths, write_pair
+from utils.keys import (
+    MIN_BITS,
+    fingerprint,
+    generate_pair,
+    load_private_key,
+    pair_paths,
+    public_key_file,
+    write_pair,
+)
 
 DEFAULT_BITS = 3072
 DEFAULT_NAMES = ("local", "server")
@@ -47,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VAR",
         help="encrypt the private keys with the passphrase in environment variable VAR",
     )
+    parser.add_argument(
+        "--export-public",
+        metavar="PRIVATE_KEY",
+        type=Path,
+        help="print the public key file of an existing private key (with its X25519 block)",
+    )
     return parser
 
 
@@ -74,6 +89,10 @@ def _prepare(directory: Path, names: tuple[str, ...], force: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.export_public is not None:
+        key = load_private_key(args.export_public, _passphrase(args.passphrase_env))
+        sys.stdout.write(public_key_file(key).decode("ascii") + "\n")
+        return
     names: tuple[str, ...] = (args.name,) if args.name is not None else DEFAULT_NAMES
     passphrase = _passphrase(args.passphrase_env)
     _prepare(args.dir, names, args.force)

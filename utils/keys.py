@@ -18,6 +18,7 @@ from Crypto import IncorrectPassphraseError, KdfLimitError, PassphraseRequiredEr
 from Crypto.PublicKey import RSA
 from Crypto.PublicKey.RSA import RsaKey
 
+from utils.crypto import x25519_public
 from utils.errors import ConfigError
 
 __all__ = [
@@ -26,10 +27,13 @@ __all__ = [
     "RsaKey",
     "fingerprint",
     "fingerprint_bytes",
+    "fingerprint_text",
     "generate_pair",
     "load_private_key",
     "load_public_key",
+    "load_server_public_key",
     "pair_paths",
+    "public_key_file",
     "write_pair",
 ]
 
@@ -113,7 +117,23 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> RsaKey:
 
 def load_public_key(path: Path) -> RsaKey:
     """Load an RSA public key of at least 2048 bits; a private key here is refused."""
-    data = _read_key_file(path, private=False)
+    return _load_public(path)[0]
+
+
+def load_server_public_key(path: Path) -> tuple[RsaKey, bytes]:
+    """A server's public key file: the RSA key and the static X25519 share genkey wrote
+    after it (the ClientInit is sealed to that share, docs/PROTOCOL.md section 2)."""
+    key, share = _load_public(path)
+    if share is None:
+        raise ConfigError(
+            f"{path}: has no {STATIC_BLOCK} block (a key file from sockproxy 1); on the server "
+            f"run: python3 utils/genkey.py --export-public SERVER_PRIVATE_KEY > {path.name}"
+        )
+    return key, share
+
+
+def _load_public(path: Path) -> tuple[RsaKey, bytes | None]:
+    data, share = _split_static_block(path, _read_key_file(path, private=False))
     try:
         key = _import(path, data, None)
     except ConfigError:
@@ -126,7 +146,41 @@ def load_public_key(path: Path) -> RsaKey:
         raise ConfigError(
             f"{path}: holds a private key; expected a public key (keep private keys secret)"
         )
-    return _check_size(path, key)
+    return _check_size(path, key), share
+
+
+STATIC_BLOCK = "SOCKPROXY X25519 PUBLIC KEY"
+_STATIC_PEM = re.compile(
+    rb"-----BEGIN " + STATIC_BLOCK.encode() + rb"-----\s*([A-Za-z0-9+/=\s]*?)\s*"
+    rb"-----END " + STATIC_BLOCK.encode() + rb"-----\s*"
+)
+
+
+def _split_static_block(path: Path, data: bytes) -> tuple[bytes, bytes | None]:
+    """(the RSA PEM, the 32-byte share or None when the file has no such block)."""
+    match = _STATIC_PEM.search(data)
+    if match is None:
+        return data, None
+    try:
+        share = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    except ValueError:
+        share = b""
+    if len(share) != 32:
+        raise ConfigError(f"{path}: the {STATIC_BLOCK} block is not a 32-byte key")
+    return data[: match.start()] + data[match.end() :], share
+
+
+def public_key_file(key: RsaKey) -> bytes:
+    """What genkey writes as NAME_public.pem: the RSA public key, then the static X25519
+    share derived from the private key (used when this pair is a server's)."""
+    share = base64.b64encode(x25519_public(key))
+    block = f"-----BEGIN {STATIC_BLOCK}-----\n".encode() + share
+    return (
+        key.public_key().export_key(format="PEM")
+        + b"\n"
+        + block
+        + (f"\n-----END {STATIC_BLOCK}-----".encode())
+    )
 
 
 def fingerprint_bytes(key: RsaKey) -> bytes:
@@ -136,7 +190,12 @@ def fingerprint_bytes(key: RsaKey) -> bytes:
 
 def fingerprint(key: RsaKey) -> str:
     """The OpenSSH-style text form: ``SHA256:`` and unpadded base64 of ``fingerprint_bytes``."""
-    return "SHA256:" + base64.b64encode(fingerprint_bytes(key)).decode("ascii").rstrip("=")
+    return fingerprint_text(fingerprint_bytes(key))
+
+
+def fingerprint_text(digest: bytes) -> str:
+    """``SHA256:`` and unpadded base64 of a raw fingerprint: one format everywhere."""
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 def generate_pair(bits: int) -> RsaKey:
@@ -210,7 +269,7 @@ def write_pair(
                 raise ConfigError(f"{path}: already exists; use --force to overwrite")
     protection = PROTECTION if passphrase is not None else None
     private_pem = key.export_key(format="PEM", pkcs=8, passphrase=passphrase, protection=protection)
-    public_pem = key.public_key().export_key(format="PEM")
+    public_pem = public_key_file(key)
     write = _replace if force else _write_new
     for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
         try:

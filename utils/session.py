@@ -1,0 +1,356 @@
+"""A session on a socket: records in and out, frames dispatched to streams (threaded runtime).
+
+One reader thread per session opens records and hands each frame to its stream; it never
+blocks on anything but the session socket (a stream's inbox is bounded by its window, and
+the rare frames the reader must answer go out on a pool thread), so one slow client can
+stall only its own stream. Writers (the relay threads of every stream) share the socket
+under a lock: sealing and sending a record is one step, since records are numbered.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from utils.cells import RecordOpener, RecordSealer
+from utils.errors import ChannelError, ProtocolError, SockproxyError
+from utils.handshake import SessionKeys
+from utils.mux import (
+    MAX_DATA_FRAME,
+    PING_SIZE,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ReceiveWindow,
+    SendWindow,
+    data_frames,
+    eof_frame,
+    goaway_frame,
+    ping_frame,
+    reply_frame,
+    reset_frame,
+    window_frame,
+    window_increment,
+)
+from utils.workers import WORKERS
+
+log = logging.getLogger("sockproxy.session")
+
+RECV_SIZE = 256 * 1024
+
+
+class StreamReset(ChannelError):
+    """The stream was aborted: by the peer (RESET), by its session ending, or here."""
+
+
+class Stream:
+    """One client connection inside a session, as the relay sees it."""
+
+    def __init__(self, session: Session, stream_id: int) -> None:
+        self.id = stream_id
+        self.session = session
+        self._cond = threading.Condition()
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._receive_window = ReceiveWindow()
+        self._send_window = SendWindow()
+        self._peer_ended = False
+        self._ended = False
+        self._reset: str | None = None
+        self._reply: bytes | None = None
+        self.on_reply: Callable[[bytes], None] | None = None  # fast open: checked later
+
+    # -- called by the session's reader thread: never blocks
+    def deliver(self, frame: Frame) -> None:
+        kind = frame.type
+        with self._cond:
+            if kind is FrameType.DATA:
+                self._receive_window.received(len(frame.body))
+                self._inbox.append(frame.body)
+            elif kind is FrameType.WINDOW:
+                self._send_window.grant(window_increment(frame))
+            elif kind is FrameType.EOF:
+                self._peer_ended = True
+            elif kind is FrameType.RESET:
+                self._mark_reset("reset by the peer")
+            elif kind is FrameType.REPLY:
+                self._reply = frame.body
+            self._cond.notify_all()
+        if kind is FrameType.REPLY and self.on_reply is not None:
+            self.on_reply(frame.body)
+
+    def sent_early(self, count: int) -> None:
+        """``count`` bytes went out with the OPEN: they use up window like any DATA."""
+        with self._cond:
+            self._send_window.take(count)
+
+    def reply(self, body: bytes) -> None:
+        """The server's answer to the OPEN."""
+        self.session.send(reply_frame(self.id, body))
+
+    def lost(self, reason: str) -> None:
+        """The session ended under this stream."""
+        with self._cond:
+            self._mark_reset(reason)
+            self._cond.notify_all()
+
+    def _mark_reset(self, reason: str) -> None:
+        if self._reset is None:
+            self._reset = reason
+
+    @property
+    def failure(self) -> str | None:
+        return self._reset
+
+    # -- called by the relay threads
+    def wait_reply(self, timeout: float) -> bytes:
+        """The server's REPLY body (the local side); raises StreamReset if the session died."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._reply is not None or self._reset, timeout):
+                raise TimeoutError("no reply from the server")
+            if self._reply is None:
+                raise StreamReset(self._reset or "reset")
+            return self._reply
+
+    def send(self, data: bytes | memoryview, timeout: float) -> None:
+        """Send ``data`` as DATA frames, waiting for window credit (at most ``timeout`` s
+        at a time without progress)."""
+        view = memoryview(data)
+        while view:
+            with self._cond:
+                if not self._cond.wait_for(
+                    lambda: self._send_window.credit > 0 or self._reset, timeout
+                ):
+                    raise TimeoutError("the peer granted no window")
+                self._raise_if_reset()
+                granted = self._send_window.take(min(len(view), 4 * MAX_DATA_FRAME))
+            self.session.send(data_frames(self.id, view[:granted]))
+            view = view[granted:]
+
+    def receive(self, timeout: float) -> list[bytes]:
+        """What has arrived; [] once the peer has ended its direction cleanly.
+        Call ``consumed`` after handing the bytes on, to reopen the window."""
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._inbox or self._peer_ended or self._reset, timeout
+            ):
+                raise TimeoutError("nothing received")
+            if self._inbox:
+                chunks = list(self._inbox)
+                self._inbox.clear()
+                return chunks
+            self._raise_if_reset()
+            return []
+
+    def consumed(self, count: int) -> None:
+        with self._cond:
+            increment = self._receive_window.consumed(count)
+        if increment and self._reset is None:
+            self.session.send(window_frame(self.id, increment))
+
+    def send_end(self) -> None:
+        with self._cond:
+            self._raise_if_reset()
+            self._ended = True
+        self.session.send(eof_frame(self.id))
+
+    def abort(self, reason: str) -> None:
+        """Stop both directions; the peer gets a RESET (if the session still works)."""
+        with self._cond:
+            already = self._reset is not None
+            self._mark_reset(reason)
+            self._cond.notify_all()
+        if not already:
+            self.session.send_quietly(reset_frame(self.id))
+
+    def close(self) -> None:
+        """Done with the stream: the session forgets it."""
+        self.session.forget(self.id)
+
+    def _raise_if_reset(self) -> None:
+        if self._reset is not None:
+            raise StreamReset(self._reset)
+
+
+class Session:
+    """Records over one TCP connection, and the streams they carry."""
+
+    def __init__(self, sock: socket.socket, keys: SessionKeys, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self._sealer = RecordSealer(keys.send)
+        self._opener = RecordOpener(keys.receive)
+        self._decoder = FrameDecoder()
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._streams: dict[int, Stream] = {}
+        self.highest_stream = 0
+        self.closed: str | None = None
+        self.draining = False  # GOAWAY sent or received: no new streams
+        self.started = time.monotonic()
+        self.last_received = self.started
+        self.ping_sent_at: float | None = None
+        self._ping: bytes = b""
+        self._deferred: bytes | None = None  # early data held until the peer proves liveness
+
+    # -- sending
+    def send(self, frames: bytes) -> None:
+        with self._send_lock:
+            if self.closed is not None:
+                raise StreamReset(self.closed)
+            try:
+                self.sock.sendall(self._sealer.seal(frames))
+            except BaseException as exc:
+                # A record may be half-sent: the byte stream is broken for every stream.
+                self._fail(f"send failed: {type(exc).__name__}")
+                raise
+
+    def send_quietly(self, frames: bytes) -> None:
+        try:
+            self.send(frames)
+        except (OSError, SockproxyError):
+            pass  # the session is ending anyway; its streams learn it from close()
+
+    def send_later(self, frames: bytes) -> None:
+        """For the reader thread: it must never wait on the socket's send buffer."""
+        WORKERS.submit(self.send_quietly, frames)
+
+    def ping(self) -> None:
+        self._ping = os.urandom(PING_SIZE)
+        self.ping_sent_at = time.monotonic()
+        self.send_later(ping_frame(self._ping))
+
+    def goaway(self) -> None:
+        self.draining = True
+        self.send_quietly(goaway_frame())
+
+    def end(self) -> None:
+        """A clean end: the authenticated end of stream, then a half-close."""
+        with self._send_lock:
+            if self.closed is None and not self._sealer.ended:
+                try:
+                    self.sock.sendall(self._sealer.seal_end())
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    # -- streams
+    def add(self, stream_id: int) -> Stream:
+        with self._lock:
+            if self.closed is not None:
+                raise StreamReset(self.closed)
+            if stream_id <= self.highest_stream:
+                raise ProtocolError(f"stream {stream_id} is not new")
+            self.highest_stream = stream_id
+            stream = self._streams[stream_id] = Stream(self, stream_id)
+            return stream
+
+    def forget(self, stream_id: int) -> None:
+        with self._lock:
+            self._streams.pop(stream_id, None)
+
+    @property
+    def stream_count(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # -- receiving
+    def read_loop(self, on_open: Callable[[Stream, bytes], None] | None = None) -> str | None:
+        """Run the reader until the session ends; None on a clean end, else why it failed.
+        ``on_open`` (the server) is called for each OPEN frame, with the stream added."""
+        reason: str | None = None
+        try:
+            self._read(on_open)
+        except TimeoutError:
+            reason = "session timeout"
+        except (OSError, SockproxyError) as exc:
+            reason = str(exc) if isinstance(exc, SockproxyError) else type(exc).__name__
+        self._fail(reason or "session ended")
+        return reason
+
+    def accept_pending(self, data: bytes, on_open: Callable[[Stream, bytes], None] | None) -> None:
+        """Records that arrived in the same reads as the end of the handshake."""
+        if data:
+            self._feed(data, on_open)
+
+    def _read(self, on_open: Callable[[Stream, bytes], None] | None) -> None:
+        while not self._opener.ended:
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                self._opener.check_clean_eof()
+                return
+            self._feed(data, on_open)
+        if self.sock.recv(1):
+            raise ChannelError("bytes after the end of stream")
+
+    def _feed(self, data: bytes, on_open: Callable[[Stream, bytes], None] | None) -> None:
+        self.last_received = time.monotonic()
+        self.ping_sent_at = None  # anything from the peer shows it is alive
+        payloads = self._opener.feed(data)
+        if payloads and self._deferred is not None and on_open is not None:
+            deferred, self._deferred = self._deferred, None
+            self.feed_early(deferred, on_open)
+        for payload in payloads:
+            for frame in self._decoder.feed(payload):
+                self._dispatch(frame, on_open)
+
+    def defer_early(self, frames: bytes) -> None:
+        """Hold the ClientInit's early data until the first record under the session keys
+        arrives: a ClientInit replayed after a restart (the replay cache is empty then)
+        cannot produce one, so its early data is never acted on."""
+        self._deferred = frames
+
+    def feed_early(self, frames: bytes, on_open: Callable[[Stream, bytes], None]) -> None:
+        """The server: frames that rode in the ClientInit."""
+        for frame in self._decoder.feed(frames):
+            self._dispatch(frame, on_open)
+        if self._decoder.pending:
+            raise ProtocolError("early data ends inside a frame")
+
+    def _dispatch(self, frame: Frame, on_open: Callable[[Stream, bytes], None] | None) -> None:
+        kind = frame.type
+        if kind is FrameType.PING:
+            self.send_later(ping_frame(frame.body, answer=True))
+        elif kind is FrameType.GOAWAY:
+            self.draining = True
+        elif kind is FrameType.PONG:
+            pass  # _feed already noted that the peer is alive
+        elif kind is FrameType.OPEN:
+            if on_open is None:
+                raise ProtocolError("OPEN frame sent to the local")
+            on_open(self.add(frame.stream), frame.body)
+        else:
+            self._to_stream(frame)
+
+    def _to_stream(self, frame: Frame) -> None:
+        with self._lock:
+            stream = self._streams.get(frame.stream)
+            known = frame.stream <= self.highest_stream
+        if stream is not None:
+            stream.deliver(frame)
+        elif not known:
+            raise ProtocolError(f"{frame.type.name} frame for stream {frame.stream} never opened")
+        # else: a frame still in flight for a stream that has ended here; drop it
+
+    # -- ending
+    def close(self, reason: str) -> None:
+        """End the session at once; every stream still in it is reset."""
+        self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if self.closed is not None:
+                return
+            self.closed = reason
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.lost(f"session lost: {reason}")
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
