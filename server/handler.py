@@ -27,7 +27,7 @@ from utils.base import (
 from utils.channel import Deadline, recv_some
 from utils.config import AuthorizedKey, ServerConfig
 from utils.crypto import rsa_sign
-from utils.errors import SockproxyError
+from utils.errors import AuthenticationError, SockproxyError
 from utils.handshake import (
     AuthorizedPeer,
     ClientInit,
@@ -60,6 +60,16 @@ SESSION_TIMEOUT = 60.0  # a session with no byte for this long is dead (locals p
 
 
 def _why(exc: BaseException) -> str:
+    """What the server's log says of a failed handshake (the peer is told nothing)."""
+    if isinstance(exc, ConnectionError):
+        return "closed before a whole ClientInit"
+    if isinstance(exc, TimeoutError):
+        return "no whole ClientInit in time"
+    if isinstance(exc, AuthenticationError) and "header does not open" in str(exc):
+        return (
+            "not a ClientInit sealed to this server's key (a probe, garbage, or a local "
+            "whose server_public_key is another server's)"
+        )
     if isinstance(exc, UnknownKey):
         return (
             f"unknown local key {fingerprint_text(exc.fingerprint)}: add its public key file "

@@ -28,6 +28,7 @@ from tests.conftest import (
     socks_request,
     wait_for,
 )
+from utils.keys import fingerprint, load_private_key
 from utils.socks5 import (
     Address,
     Request,
@@ -243,13 +244,19 @@ def test_server_whitelist_refusal_is_general_failure(
 def test_server_refuses_an_unknown_local_key(
     launcher: Launcher, keys: Keys, programs: Programs, counting_listener: TCPServer
 ) -> None:
-    local = launcher.local(programs.server.port, local_private_key=keys.path("other_private"))
+    local = launcher.local(
+        programs.server.port, local_private_key=keys.path("other_private"), handshake_timeout=2
+    )
     result = socks_request(local.port, "127.0.0.1", counting_listener.port)
     with result.sock:
         assert result.raw == GENERAL_FAILURE
         _assert_closed(result.sock)
     _no_connection(counting_listener)
-    assert wait_for(lambda: "outcome=unknown local key" in programs.server.stderr(), 5)
+    other = fingerprint(load_private_key(keys.path("other_private")))
+    assert wait_for(lambda: f"unknown local key {other}" in programs.server.stderr(), 15)
+    assert "authorized_keys" in programs.server.stderr()
+    assert wait_for(lambda: "closed the handshake without answering" in local.stderr(), 15)
+    assert other in local.stderr()  # the local names its own key, in genkey's format
     local.assert_stops_cleanly()
 
 
@@ -258,17 +265,23 @@ def test_local_refuses_a_server_with_the_wrong_key(
     launcher: Launcher, keys: Keys, counting_listener: TCPServer, variant: str
 ) -> None:
     if variant == "local-trusts-other-key":
-        server, local = launcher.pair(local={"server_public_key": keys.path("other_public")})
+        server, local = launcher.pair(
+            local={"server_public_key": keys.path("other_public"), "handshake_timeout": 2}
+        )
     else:  # a server holding another private key poses as the real one
-        server, local = launcher.pair(server={"server_private_key": keys.path("other_private")})
+        server, local = launcher.pair(
+            server={"server_private_key": keys.path("other_private")},
+            local={"handshake_timeout": 2},
+        )
     result = socks_request(local.port, "127.0.0.1", counting_listener.port)
     with result.sock:
         assert result.raw == GENERAL_FAILURE
         _assert_closed(result.sock)
     _no_connection(counting_listener)
-    # The server cannot open the share sealed to another key; the local gives up on it.
-    assert wait_for(lambda: "outcome=share does not decrypt" in server.stderr(), 5)
-    assert f"server 127.0.0.1:{server.port} failed" in local.stderr()
+    # The ClientInit is sealed to another key: the server cannot open it and stays silent.
+    assert wait_for(lambda: "not a ClientInit sealed to this server's key" in server.stderr(), 15)
+    assert wait_for(lambda: "closed the handshake without answering" in local.stderr(), 15)
+    assert "server_public_key is not that server's key" in local.stderr()
     local.assert_stops_cleanly()
     server.assert_stops_cleanly()
 

@@ -305,7 +305,9 @@ def tampered(module_launcher: Launcher) -> Iterator[Tampered]:
     server = module_launcher.server()
     relay = FlipRelay(server.port)
     try:
-        local = module_launcher.local(relay.port)
+        # One session per connection, so that "the next connection" is a TCP connection
+        # of its own through the relay and the offsets count from its first byte.
+        local = module_launcher.local(relay.port, resumption_lifetime=0)
         yield Tampered(server, local, relay)
     finally:
         relay.close()

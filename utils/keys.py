@@ -109,7 +109,8 @@ def _check_size(path: Path, key: RsaKey) -> RsaKey:
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> RsaKey:
     """Load an RSA private key of at least 2048 bits from a file only its owner can read."""
-    key = _import(path, _read_key_file(path, private=True), passphrase)
+    data, _ = _split_static_block(path, _read_key_file(path, private=True))
+    key = _import(path, data, passphrase)
     if not key.has_private():
         raise ConfigError(f"{path}: holds a public key; expected a private key")
     return _check_size(path, key)
