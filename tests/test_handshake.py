@@ -1,33 +1,40 @@
-"""The handshake state machines: success, and every tampering, replay and expiry case."""
+"""The v2 handshake state machines: success, strangers, tampering, every wrong key."""
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
-from Crypto.PublicKey.RSA import RsaKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import utils.handshake as hs
 from tests.vectors import Drbg, vector_key
-from utils.errors import AuthenticationError, ProtocolError, SockproxyError, TicketRejected
+from utils.crypto import RsaKey, rsa_sign, static_x25519
+from utils.errors import AuthenticationError, ProtocolError, SockproxyError
 from utils.handshake import (
+    INIT_HEAD_SIZE,
     AuthorizedPeer,
     ClientHandshake,
+    ClientState,
     ServerHandshake,
-    Ticket,
-    TicketStore,
-    key_fingerprint,
+    ServerPublic,
+    ServerSecret,
+    ServerState,
+    UnknownKey,
 )
+from utils.keys import fingerprint_bytes
+
+NOW = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+class Signer:
+    """The server's signer, counting its private-key operations as the server does."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self, key: RsaKey) -> None:
+        self.key = key
+        self.calls = 0
+
+    def __call__(self, message: bytes) -> bytes:
+        self.calls += 1
+        return rsa_sign(self.key, message)
 
 
 @pytest.fixture(scope="module")
@@ -45,291 +52,155 @@ def stranger_key() -> RsaKey:
     return vector_key("stranger")
 
 
-def peers_for(key: RsaKey) -> dict[bytes, AuthorizedPeer]:
-    return {key_fingerprint(key): AuthorizedPeer("alice", key.public_key())}
+def public_of(server: RsaKey) -> ServerPublic:
+    return ServerPublic(server.public_key(), static_x25519(server).share)
 
 
-def handshake(
-    local: RsaKey,
-    server: RsaKey,
-    store: TicketStore,
-    ticket: Ticket | None = None,
-    *,
-    authorized: RsaKey | None = None,
-    expected_server: RsaKey | None = None,
-) -> tuple[ClientHandshake, ServerHandshake]:
-    client = ClientHandshake(local, (expected_server or server).public_key(), ticket)
-    responder = ServerHandshake(server, peers_for(authorized or local), store)
-    answer = responder.receive(client.receive(responder.start()))
-    client.receive(answer)
-    return client, responder
+def responder(server: RsaKey, *authorized: RsaKey) -> tuple[ServerHandshake, Signer]:
+    signer = Signer(server)
+    peers = {fingerprint_bytes(k): AuthorizedPeer(f"key{i}", k.public_key()) for i, k in
+             enumerate(authorized)}  # fmt: skip
+    return ServerHandshake(ServerSecret(static_x25519(server), signer), peers), signer
 
 
-def test_full_then_resumed_handshake_agree_on_fresh_keys(
+def client_for(local: RsaKey, server: ServerPublic) -> ClientHandshake:
+    return ClientHandshake(local, server, clock=lambda: NOW)
+
+
+def test_handshake_agrees_on_keys_and_carries_early_data(
     local_key: RsaKey, server_key: RsaKey
 ) -> None:
-    store = TicketStore(3600)
-    client, server = handshake(local_key, server_key, store)
-    assert client.done and server.done and not client.resumed
-    assert client.keys == hs.SessionKeys(server.keys.receive, server.keys.send)  # type: ignore[union-attr]
-    assert client.keys is not None and client.keys.send != client.keys.receive
-    assert server.peer_name == "alice"
-    again, server_again = handshake(local_key, server_key, store, client.new_ticket)
-    assert again.resumed and server_again.resumed and server_again.peer_name == "alice"
-    assert again.keys is not None and again.keys.send != client.keys.send
-    third, _ = handshake(local_key, server_key, store, client.new_ticket)
-    assert third.keys is not None and third.keys.send != again.keys.send
+    client = client_for(local_key, public_of(server_key))
+    server, signer = responder(server_key, local_key)
+    init = server.consume_client_init(client.create_client_init(b"\x01early"))
+    assert init is not None
+    assert (init.peer.name, init.early, init.timestamp_ms) == ("key0", b"\x01early", NOW * 1000)
+    assert server.state is ServerState.AUTHENTICATED and signer.calls == 0
+    keys = client.consume_server_response(server.create_server_response())
+    assert keys is not None and server.keys is not None
+    assert (keys.send, keys.receive) == (server.keys.receive, server.keys.send)
+    assert keys.send != keys.receive
+    assert client.state is ClientState.ESTABLISHED and server.state is ServerState.ESTABLISHED
+    assert signer.calls == 1
 
 
-def test_unknown_local_key_is_refused_without_private_key_operations(
+def test_byte_at_a_time_and_trailing_records(local_key: RsaKey, server_key: RsaKey) -> None:
+    client = client_for(local_key, public_of(server_key))
+    server, _ = responder(server_key, local_key)
+    wire = client.create_client_init() + b"records"
+    results = [server.consume_client_init(wire[i : i + 1]) for i in range(len(wire) - 7)]
+    assert all(r is None for r in results[:-1]) and results[-1] is not None
+    assert server.bytes_wanted() == 0
+    server_bytes = server.create_server_response() + b"more"
+    assert server.consume_client_init is not None
+    for i in range(len(server_bytes) - 5):
+        assert client.consume_server_response(server_bytes[i : i + 1]) is None
+    assert client.consume_server_response(server_bytes[-5:]) is not None
+    assert client.trailing_data() == b"more"
+
+
+def test_every_connection_looks_different(local_key: RsaKey, server_key: RsaKey) -> None:
+    first = client_for(local_key, public_of(server_key)).create_client_init(b"x")
+    second = client_for(local_key, public_of(server_key)).create_client_init(b"x")
+    assert first[:90] != second[:90] and len({len(first), len(second)}) >= 1
+    assert fingerprint_bytes(local_key) not in first  # the identity never travels in clear
+
+
+def test_stranger_without_the_server_key_fails_at_the_header(
     local_key: RsaKey, server_key: RsaKey, stranger_key: RsaKey
 ) -> None:
-    with (
-        mock.patch.object(hs, "_open_share", wraps=hs._open_share) as decrypt,
-        mock.patch.object(hs, "_sign", wraps=hs._sign) as sign,
-        pytest.raises(AuthenticationError, match="unknown local key"),
-    ):
-        handshake(stranger_key, server_key, TicketStore(3600), authorized=local_key)
-    assert sign.call_count == 1  # the stranger's own signature; the server signed nothing
-    assert decrypt.call_count == 0
+    """Sealed to another server's static key: one X25519 operation, then silence."""
+    client = client_for(local_key, public_of(stranger_key))
+    server, signer = responder(server_key, local_key)
+    wire = client.create_client_init()
+    assert server.consume_client_init(wire[: INIT_HEAD_SIZE - 1]) is None
+    with pytest.raises(AuthenticationError, match="header does not open"):
+        server.consume_client_init(wire[INIT_HEAD_SIZE - 1 : INIT_HEAD_SIZE])
+    assert signer.calls == 0
 
 
-def test_bad_signature_stops_the_server_before_any_private_key_operation(
+def test_unknown_key_is_named_by_its_fingerprint(
     local_key: RsaKey, server_key: RsaKey, stranger_key: RsaKey
 ) -> None:
-    """A stranger that claims an authorized fingerprint but signs with its own key."""
-    client = ClientHandshake(stranger_key, server_key.public_key())
-    responder = ServerHandshake(server_key, peers_for(local_key), TicketStore(3600))
-    messages = bytearray(client.receive(responder.start()))
-    fingerprint_at = 2 + 1 + 32
-    messages[fingerprint_at : fingerprint_at + 32] = key_fingerprint(local_key)
-    with (
-        mock.patch.object(hs, "_open_share", wraps=hs._open_share) as decrypt,
-        mock.patch.object(hs, "_sign", wraps=hs._sign) as sign,
-        pytest.raises(AuthenticationError, match="signature"),
-    ):
-        responder.receive(bytes(messages))
-    assert (decrypt.call_count, sign.call_count) == (0, 0)
+    client = client_for(stranger_key, public_of(server_key))
+    server, signer = responder(server_key, local_key)
+    with pytest.raises(UnknownKey) as caught:
+        server.consume_client_init(client.create_client_init())
+    assert caught.value.fingerprint == fingerprint_bytes(stranger_key)
+    assert signer.calls == 0
 
 
-def test_impersonated_server_is_refused(
+def test_local_refuses_an_impostor_server(
     local_key: RsaKey, server_key: RsaKey, stranger_key: RsaKey
 ) -> None:
-    # The impostor cannot open the share sealed to the real server's key...
-    with pytest.raises(AuthenticationError):
-        handshake(local_key, stranger_key, TicketStore(3600), expected_server=server_key)
-    # ...and a local that expects another server rejects the real server's signature.
-    client = ClientHandshake(local_key, stranger_key.public_key())
-    responder = ServerHandshake(server_key, peers_for(local_key), TicketStore(3600))
-    with pytest.raises(AuthenticationError):
-        client.receive(responder.receive(client.receive(responder.start())))
-
-
-def _full_exchange(local_key: RsaKey, server_key: RsaKey) -> tuple[bytes, bytes, bytes]:
-    client = ClientHandshake(local_key, server_key.public_key(), rng=Drbg(b"c"))
-    responder = ServerHandshake(server_key, peers_for(local_key), TicketStore(3600), rng=Drbg(b"s"))
-    hello = responder.start()
-    client_messages = client.receive(hello)
-    return hello, client_messages, responder.receive(client_messages)
-
-
-@given(position=st.integers(0, 10**6), bit=st.integers(0, 7))
-@settings(max_examples=60, deadline=None)
-def test_any_flipped_bit_from_the_local_is_refused(position: int, bit: int) -> None:
-    local_key, server_key = vector_key("local"), vector_key("server")
-    _, client_messages, _ = _full_exchange(local_key, server_key)
-    tampered = bytearray(client_messages)
-    tampered[position % len(tampered)] ^= 1 << bit
-    responder = ServerHandshake(server_key, peers_for(local_key), TicketStore(3600), rng=Drbg(b"s"))
-    responder.start()
-    with pytest.raises(SockproxyError):
-        if not responder.receive(bytes(tampered)):
-            raise ProtocolError("incomplete")  # a longer length field: still waiting = refused
-
-
-@given(position=st.integers(0, 10**6), bit=st.integers(0, 7))
-@settings(max_examples=60, deadline=None)
-def test_any_flipped_bit_from_the_server_is_refused(position: int, bit: int) -> None:
-    local_key, server_key = vector_key("local"), vector_key("server")
-    hello, _, server_messages = _full_exchange(local_key, server_key)
-    tampered = bytearray(server_messages)
-    tampered[position % len(tampered)] ^= 1 << bit
-    client = ClientHandshake(local_key, server_key.public_key(), rng=Drbg(b"c"))
-    client.receive(hello)
-    with pytest.raises(SockproxyError):
-        client.receive(bytes(tampered))
-        if not client.done:
-            raise ProtocolError("incomplete")
-
-
-def test_tampered_server_hello_changes_the_transcript_and_fails(
-    local_key: RsaKey, server_key: RsaKey
-) -> None:
-    hello, _, _ = _full_exchange(local_key, server_key)
-    bad_version = bytearray(hello)
-    bad_version[3] = 2
-    with pytest.raises(ProtocolError, match="version"):
-        ClientHandshake(local_key, server_key.public_key()).receive(bytes(bad_version))
-
-
-def test_replayed_full_handshake_is_refused(local_key: RsaKey, server_key: RsaKey) -> None:
-    _, recorded, _ = _full_exchange(local_key, server_key)
-    responder = ServerHandshake(server_key, peers_for(local_key), TicketStore(3600))
-    responder.start()  # a fresh nonce: the recorded signature no longer covers the transcript
+    """A server that holds the static key but signs with another RSA key is refused."""
+    client = client_for(local_key, ServerPublic(stranger_key.public_key(),
+                                                static_x25519(server_key).share))  # fmt: skip
+    server, _ = responder(server_key, local_key)
+    server.consume_client_init(client.create_client_init())
     with pytest.raises(AuthenticationError, match="signature"):
-        responder.receive(recorded)
+        client.consume_server_response(server.create_server_response())
 
 
-def test_replayed_resumption_is_refused(local_key: RsaKey, server_key: RsaKey) -> None:
-    store = TicketStore(3600)
-    client, _ = handshake(local_key, server_key, store)
-    resumer = ClientHandshake(local_key, server_key.public_key(), client.new_ticket)
-    first = ServerHandshake(server_key, peers_for(local_key), store)
-    recorded = resumer.receive(first.start())
-    first.receive(recorded)
-    second = ServerHandshake(server_key, peers_for(local_key), store)
-    second.start()
-    with pytest.raises(AuthenticationError, match="MAC"):
-        second.receive(recorded)
-
-
-def test_tampered_resumption_is_refused(local_key: RsaKey, server_key: RsaKey) -> None:
-    store = TicketStore(3600)
-    client, _ = handshake(local_key, server_key, store)
-    for position in range(3, 2 + 0x51):  # every body byte of ResumeHello
-        resumer = ClientHandshake(local_key, server_key.public_key(), client.new_ticket)
-        responder = ServerHandshake(server_key, peers_for(local_key), store)
-        messages = bytearray(resumer.receive(responder.start()))
-        messages[position] ^= 0x01
-        with pytest.raises((AuthenticationError, TicketRejected)):
-            responder.receive(bytes(messages))
-
-
-def test_expired_ticket_is_refused(local_key: RsaKey, server_key: RsaKey) -> None:
-    clock = Clock()
-    store = TicketStore(60, clock=clock)
-    client, _ = handshake(local_key, server_key, store)
-    clock.now += 59
-    handshake(local_key, server_key, store, client.new_ticket)
-    clock.now += 2
-    with pytest.raises(TicketRejected):
-        handshake(local_key, server_key, store, client.new_ticket)
-
-
-def test_server_restart_invalidates_tickets(local_key: RsaKey, server_key: RsaKey) -> None:
-    client, _ = handshake(local_key, server_key, TicketStore(3600))
-    with pytest.raises(TicketRejected):
-        handshake(local_key, server_key, TicketStore(3600), client.new_ticket)
-
-
-def test_revoked_key_loses_its_tickets(
-    local_key: RsaKey, server_key: RsaKey, stranger_key: RsaKey
+@pytest.mark.parametrize("position", [0, 31, 32, 63, 64, 80, 89, 90, 200, -17, -1])
+def test_any_flipped_bit_in_the_client_init_is_refused(
+    local_key: RsaKey, server_key: RsaKey, position: int
 ) -> None:
-    store = TicketStore(3600)
-    client, _ = handshake(local_key, server_key, store)
-    # The same name now holds another key (a rotation): the old key's ticket must not work.
-    rotated = {key_fingerprint(stranger_key): AuthorizedPeer("alice", stranger_key.public_key())}
-    resumer = ClientHandshake(local_key, server_key.public_key(), client.new_ticket)
-    responder = ServerHandshake(server_key, rotated, store)
-    with pytest.raises(TicketRejected, match="no longer authorized"):
-        responder.receive(resumer.receive(responder.start()))
-    # And the store forgets tickets of keys that are gone.
-    store.keep_only(rotated.keys())
-    with pytest.raises(TicketRejected, match="unknown"):
-        handshake(local_key, server_key, store, client.new_ticket)
+    wire = bytearray(client_for(local_key, public_of(server_key)).create_client_init(b"e"))
+    wire[position] ^= 1
+    server, signer = responder(server_key, local_key)
+    with pytest.raises((AuthenticationError, ProtocolError)):
+        assert server.consume_client_init(bytes(wire)) is None
+        server.consume_client_init(bytes(64 * 1024))  # a longer body claimed: still fails
+    assert signer.calls == 0
 
 
-def test_disabled_resumption_stores_nothing(local_key: RsaKey, server_key: RsaKey) -> None:
-    store = TicketStore(0)
-    client, _ = handshake(local_key, server_key, store)
-    assert client.new_ticket is not None
-    with pytest.raises(TicketRejected):
-        handshake(local_key, server_key, store, client.new_ticket)
-
-
-def test_ticket_store_is_bounded() -> None:
-    store = TicketStore(3600, capacity=3)
-    for index in range(5):
-        store.add(bytes([index]) * 16, b"s" * 32, b"f" * 32)
-    assert store.find(b"\x00" * 16) is None and store.find(b"\x01" * 16) is None
-    assert store.find(b"\x04" * 16) is not None
-
-
-@pytest.mark.parametrize("length", [0, 4097])
-def test_message_length_out_of_range_is_refused(length: int, server_key: RsaKey) -> None:
-    responder = ServerHandshake(server_key, {}, TicketStore(3600))
-    responder.start()
-    with pytest.raises(ProtocolError, match="length"):
-        responder.receive(length.to_bytes(2, "big") + b"\x02" * 40)
-
-
-def test_handshake_bytes_split_one_at_a_time(local_key: RsaKey, server_key: RsaKey) -> None:
-    client = ClientHandshake(local_key, server_key.public_key())
-    responder = ServerHandshake(server_key, peers_for(local_key), TicketStore(3600))
-    to_server = b"".join(client.receive(bytes([b])) for b in responder.start())
-    to_client = b"".join(responder.receive(bytes([b])) for b in to_server)
-    for byte in to_client:
-        client.receive(bytes([byte]))
-    assert client.done and client.keys is not None and responder.keys is not None
-    assert client.keys.send == responder.keys.receive
-
-
-def test_low_order_x25519_share_is_refused(local_key: RsaKey, server_key: RsaKey) -> None:
-    store = TicketStore(3600)
-    client, _ = handshake(local_key, server_key, store)
-    assert client.new_ticket is not None
-    responder = ServerHandshake(server_key, peers_for(local_key), store)
-    resumer = ClientHandshake(local_key, server_key.public_key(), client.new_ticket)
-    resumer.receive(responder.start())
-    # Rebuild a valid ResumeHello whose share is the all-zero (low-order) point.
-    body = client.new_ticket.ticket_id + bytes(32) + bytes(32)
-    hello = hs.frame(hs.RESUME_HELLO, body)
-    transcript = responder._so_far() + hello
-    mac = hs._mac(hs._binder_key(client.new_ticket.secret), hs.CLIENT_FINISHED_LABEL, transcript)
-    with pytest.raises(AuthenticationError, match="X25519"):
-        responder.receive(hello + hs.frame(hs.CLIENT_FINISHED, mac))
-
-
-def test_resuming_local_has_keys_before_the_server_confirms(
-    local_key: RsaKey, server_key: RsaKey
+@pytest.mark.parametrize("position", [0, 17, 18, 40, -1])
+def test_any_flipped_bit_in_the_server_response_is_refused(
+    local_key: RsaKey, server_key: RsaKey, position: int
 ) -> None:
-    """The request rides with ClientFinished; ServerFinished is still required to finish."""
-    store = TicketStore(3600)
-    first, _ = handshake(local_key, server_key, store)
-    client = ClientHandshake(local_key, server_key.public_key(), first.new_ticket)
-    responder = ServerHandshake(server_key, peers_for(local_key), store)
-    flight = client.receive(responder.start())
-    assert client.keys is not None and not client.done
-    finished = responder.receive(flight)
-    assert responder.done and responder.keys is not None
-    assert finished[2] == hs.SERVER_FINISHED and len(finished) == 3 + hs.MAC_SIZE
-    client.receive(finished)
-    assert _finished(client) and client.keys.send == responder.keys.receive
+    client = client_for(local_key, public_of(server_key))
+    server, _ = responder(server_key, local_key)
+    server.consume_client_init(client.create_client_init())
+    wire = bytearray(server.create_server_response())
+    wire[position] ^= 0x80
+    with pytest.raises((AuthenticationError, ProtocolError)):
+        assert client.consume_server_response(bytes(wire)) is None
+        client.consume_server_response(bytes(64 * 1024))
 
 
-def _finished(state: ClientHandshake) -> bool:
-    return state.done  # read through a call: mypy keeps the value narrowed from earlier
+def test_messages_out_of_order_are_refused(local_key: RsaKey, server_key: RsaKey) -> None:
+    client = client_for(local_key, public_of(server_key))
+    server, _ = responder(server_key, local_key)
+    with pytest.raises(ProtocolError):
+        client.consume_server_response(b"x")
+    with pytest.raises(ProtocolError):
+        server.create_server_response()
+    client.create_client_init()
+    with pytest.raises(ProtocolError):
+        client.create_client_init()
 
 
-@pytest.mark.parametrize("part", ["server_hello", "server_finished"])
-def test_tampered_resumed_server_messages_are_refused(
-    local_key: RsaKey, server_key: RsaKey, part: str
-) -> None:
-    store = TicketStore(3600)
-    first, _ = handshake(local_key, server_key, store)
-    start, end = (4, 4 + 64) if part == "server_hello" else (3, 3 + hs.MAC_SIZE)
-    for position in range(start, end, 7):
-        client = ClientHandshake(local_key, server_key.public_key(), first.new_ticket)
-        responder = ServerHandshake(server_key, peers_for(local_key), store)
-        hello = bytearray(responder.start())
-        if part == "server_hello":
-            hello[position] ^= 0x04  # the nonce or the share: the transcripts now differ
-            flight = client.receive(bytes(hello))
-            with pytest.raises(AuthenticationError):
-                responder.receive(flight)
-        else:
-            finished = bytearray(responder.receive(client.receive(bytes(hello))))
-            finished[position] ^= 0x04
-            with pytest.raises(AuthenticationError):
-                client.receive(bytes(finished))
-            assert not client.done
+def test_early_data_limit(local_key: RsaKey, server_key: RsaKey) -> None:
+    with pytest.raises(ValueError, match="early data"):
+        client_for(local_key, public_of(server_key)).create_client_init(bytes(16385))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=600))
+def test_random_bytes_only_ever_raise_protocol_errors(data: bytes) -> None:
+    server, signer = responder(vector_key("server"), vector_key("local"))
+    try:
+        assert server.consume_client_init(data) is None
+    except SockproxyError:
+        pass
+    assert signer.calls == 0
+
+
+def test_fixed_randomness_gives_fixed_bytes(local_key: RsaKey, server_key: RsaKey) -> None:
+    def init() -> bytes:
+        client = ClientHandshake(local_key, public_of(server_key), rng=Drbg(b"t"),
+                                 clock=lambda: NOW)  # fmt: skip
+        return client.create_client_init(b"early")
+
+    assert init() == init()

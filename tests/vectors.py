@@ -16,13 +16,26 @@ from Crypto.PublicKey import RSA
 from Crypto.PublicKey.RSA import RsaKey
 
 from utils.cells import RecordSealer, pack_cells
+from utils.crypto import rsa_sign, static_x25519
 from utils.handshake import (
     AuthorizedPeer,
     ClientHandshake,
     ServerHandshake,
-    TicketStore,
-    key_fingerprint,
+    ServerPublic,
+    ServerSecret,
 )
+from utils.keys import fingerprint_bytes
+from utils.mux import (
+    data_frames,
+    eof_frame,
+    goaway_frame,
+    open_frame,
+    ping_frame,
+    reply_frame,
+    reset_frame,
+    window_frame,
+)
+from utils.socks5 import Address, Reply, Request, encode_tunnel_reply, encode_tunnel_request
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 
@@ -68,44 +81,66 @@ def record_vectors() -> dict[str, str]:
     }
 
 
+VECTOR_TIME = 1_800_000_000.0  # the ClientInit's clock: 2027-01-15 08:00:00 UTC
+VECTOR_REQUEST = Request(1, Address("example.com", 80))
+
+
+def early_data() -> bytes:
+    """What the vector ClientInit carries: OPEN of stream 1 for example.com:80."""
+    return open_frame(1, encode_tunnel_request(VECTOR_REQUEST))
+
+
 def run_handshakes() -> dict[str, bytes]:
-    """A full handshake, then a resumed one with its ticket; every byte on the wire."""
+    """One handshake with fixed keys and randomness: every byte on the wire, and the keys."""
     local, server = vector_key("local"), vector_key("server")
-    store = TicketStore(3600, clock=lambda: 0.0)
-    peers = {key_fingerprint(local): AuthorizedPeer("local", local.public_key())}
-    out: dict[str, bytes] = {}
-    ticket = None
-    for kind in ("full", "resumed"):
-        client = ClientHandshake(
-            local,
-            server.public_key(),
-            ticket,
-            rng=Drbg(f"{kind} client".encode()),
-            clock=lambda: 0.0,
-        )
-        responder = ServerHandshake(server, peers, store, rng=Drbg(f"{kind} server".encode()))
-        server_hello = responder.start()
-        client_messages = client.receive(server_hello)
-        server_messages = responder.receive(client_messages)
-        client.receive(server_messages)
-        assert client.keys is not None and responder.keys is not None
-        assert client.keys.send == responder.keys.receive
-        out[f"{kind}_server_hello"] = server_hello
-        out[f"{kind}_client_messages"] = client_messages
-        out[f"{kind}_server_messages"] = server_messages
-        out[f"{kind}_key_local_to_server"] = client.keys.send
-        out[f"{kind}_key_server_to_local"] = client.keys.receive
-        if kind == "full":
-            assert client.new_ticket is not None
-            ticket = client.new_ticket
-            out["full_ticket_id"] = ticket.ticket_id
-            out["full_resumption_secret"] = ticket.secret
-    return out
+    static = static_x25519(server)
+    peers = {fingerprint_bytes(local): AuthorizedPeer("local", local.public_key())}
+    client = ClientHandshake(
+        local,
+        ServerPublic(server.public_key(), static.share),
+        rng=Drbg(b"client"),
+        clock=lambda: VECTOR_TIME,
+    )
+    signing_rng = Drbg(b"server signature")
+    secret = ServerSecret(static, lambda message: rsa_sign(server, message, signing_rng))
+    responder = ServerHandshake(secret, peers, rng=Drbg(b"server"))
+    client_init = client.create_client_init(early_data())
+    init = responder.consume_client_init(client_init)
+    assert init is not None and init.early == early_data()
+    response = responder.create_server_response()
+    keys = client.consume_server_response(response)
+    assert keys is not None and responder.keys is not None
+    assert keys.send == responder.keys.receive and keys.receive == responder.keys.send
+    return {
+        "server_static_share": static.share,
+        "client_init": client_init,
+        "server_response": response,
+        "key_local_to_server": keys.send,
+        "key_server_to_local": keys.receive,
+    }
+
+
+def frame_vectors() -> dict[str, str]:
+    bind = Address("192.0.2.7", 40000)
+    frames = {
+        "frame_open": open_frame(1, encode_tunnel_request(VECTOR_REQUEST)),
+        "frame_reply": reply_frame(1, encode_tunnel_reply(Reply.SUCCEEDED, bind)),
+        "frame_data": data_frames(1, b"GET / HTTP/1.0\r\n\r\n"),
+        "frame_window": window_frame(1, 262144),
+        "frame_eof": eof_frame(1),
+        "frame_reset": reset_frame(1),
+        "frame_ping": ping_frame(bytes(range(8))),
+        "frame_pong": ping_frame(bytes(range(8)), answer=True),
+        "frame_goaway": goaway_frame(),
+    }
+    return {name: value.hex() for name, value in frames.items()}
 
 
 def handshake_vectors() -> dict[str, str]:
     raw = run_handshakes()
     shown: dict[str, str] = {}
+    shown["client_init_head"] = raw["client_init"][:90].hex()
+    shown["server_response_head"] = raw["server_response"][:18].hex()
     for name, value in raw.items():
         # RSA-sized messages are long: the document gives their SHA-256 instead.
         if len(value) > 256:
@@ -116,7 +151,7 @@ def handshake_vectors() -> dict[str, str]:
 
 
 def all_vectors() -> dict[str, str]:
-    return {**cell_vectors(), **record_vectors(), **handshake_vectors()}
+    return {**cell_vectors(), **record_vectors(), **frame_vectors(), **handshake_vectors()}
 
 
 def documented_vectors(text: str | None = None) -> dict[str, str]:
