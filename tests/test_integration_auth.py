@@ -252,7 +252,7 @@ def test_server_refuses_an_unknown_local_key(
         assert result.raw == GENERAL_FAILURE
         _assert_closed(result.sock)
     _no_connection(counting_listener)
-    other = fingerprint(load_private_key(keys.path("other_private")))
+    other = fingerprint(load_private_key(Path(keys.path("other_private"))))
     assert wait_for(lambda: f"unknown local key {other}" in programs.server.stderr(), 15)
     assert "authorized_keys" in programs.server.stderr()
     assert wait_for(lambda: "closed the handshake without answering" in local.stderr(), 15)

@@ -16,7 +16,9 @@ import os
 import threading
 from collections.abc import Callable
 
+from Crypto import IncorrectPassphraseError, KdfLimitError, PassphraseRequiredError
 from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
 from Crypto.PublicKey.RSA import RsaKey
 from Crypto.Signature import pss
 from cryptography.exceptions import InvalidTag
@@ -33,10 +35,13 @@ __all__ = [
     "TAG_SIZE",
     "Aead",
     "Ephemeral",
+    "KeyImportError",
     "PaddingSource",
     "Random",
     "RsaKey",
+    "generate_rsa",
     "hkdf",
+    "import_rsa",
     "rsa_sign",
     "rsa_verify",
     "sha256",
@@ -134,6 +139,33 @@ def rsa_verify(key: RsaKey, message: bytes, signature: bytes) -> None:
         pss.new(key).verify(SHA256.new(message), signature)
     except (ValueError, TypeError):
         raise AuthenticationError("signature does not verify") from None
+
+
+class KeyImportError(ValueError):
+    """An RSA key that does not import; ``reason`` says why in words for a config error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def import_rsa(data: bytes, passphrase: bytes | None) -> RsaKey:
+    """An RSA key from PEM bytes (a private one may be encrypted with ``passphrase``)."""
+    try:
+        return RSA.import_key(data, passphrase)
+    except PassphraseRequiredError:
+        raise KeyImportError("private key is encrypted; a passphrase is required") from None
+    except IncorrectPassphraseError:
+        raise KeyImportError("wrong passphrase (or the key file is corrupted)") from None
+    except KdfLimitError:
+        raise KeyImportError("key encryption asks for too costly a derivation") from None
+    except (ValueError, IndexError, TypeError):
+        raise KeyImportError("not an RSA key in PEM format") from None
+
+
+def generate_rsa(bits: int) -> RsaKey:
+    """A new RSA private key with e = 65537."""
+    return RSA.generate(bits)
 
 
 _ZEROS = bytes(256 * 1024)

@@ -14,11 +14,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from Crypto import IncorrectPassphraseError, KdfLimitError, PassphraseRequiredError
-from Crypto.PublicKey import RSA
-from Crypto.PublicKey.RSA import RsaKey
-
-from utils.crypto import x25519_public
+from utils.crypto import KeyImportError, RsaKey, generate_rsa, import_rsa, x25519_public
 from utils.errors import ConfigError
 
 __all__ = [
@@ -89,15 +85,9 @@ def _read_key_file(path: Path, private: bool) -> bytes:
 
 def _import(path: Path, data: bytes, passphrase: bytes | None) -> RsaKey:
     try:
-        return RSA.import_key(data, passphrase)
-    except PassphraseRequiredError:
-        raise ConfigError(f"{path}: private key is encrypted; a passphrase is required") from None
-    except IncorrectPassphraseError:
-        raise ConfigError(f"{path}: wrong passphrase (or the key file is corrupted)") from None
-    except KdfLimitError:
-        raise ConfigError(f"{path}: key encryption asks for too costly a derivation") from None
-    except (ValueError, IndexError, TypeError):
-        raise ConfigError(f"{path}: not an RSA key in PEM format") from None
+        return import_rsa(data, passphrase)
+    except KeyImportError as exc:
+        raise ConfigError(f"{path}: {exc.reason}") from None
 
 
 def _check_size(path: Path, key: RsaKey) -> RsaKey:
@@ -204,7 +194,7 @@ def generate_pair(bits: int) -> RsaKey:
     if bits < MIN_BITS:
         raise ConfigError(f"key size {bits} bits is too small; at least {MIN_BITS} are required")
     try:
-        return RSA.generate(bits)
+        return generate_rsa(bits)
     except ValueError as exc:
         raise ConfigError(f"cannot generate a {bits}-bit RSA key: {exc}") from None
 
