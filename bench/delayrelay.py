@@ -29,7 +29,9 @@ import contextlib
 import errno
 import heapq
 import itertools
+import os
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -382,15 +384,27 @@ class DelayRelay:
         self._notify(link, CLOSE)
 
 
+def _stop(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
     p.add_argument("--port", type=int, required=True, help="listen on 127.0.0.1:PORT")
     p.add_argument("--upstream-port", type=int, required=True, help="relay to 127.0.0.1:PORT")
     p.add_argument("--rtt-ms", type=float, required=True, help="round-trip time (twice the delay)")
+    p.add_argument(
+        "--nice", type=int, default=0, help="add this to the niceness (negative: root only)"
+    )
     args = p.parse_args(argv)
+    if args.nice:
+        with contextlib.suppress(OSError):  # not allowed: run at the normal priority
+            os.nice(args.nice)
+    signal.signal(signal.SIGTERM, _stop)
     with DelayRelay(("127.0.0.1", args.upstream_port), args.rtt_ms / 2000, port=args.port):
         try:
-            threading.Event().wait()
+            while True:
+                time.sleep(3600)
         except KeyboardInterrupt:
             pass
     return 0

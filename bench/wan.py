@@ -5,7 +5,8 @@
     python3 bench/wan.py --rtt 50 --peers sockproxy,ssh --samples 21
     python3 bench/wan.py --sockproxy-config-extra '{"fast_open": true}' --markdown
 
-The kernel here has no netem, so bench/delayrelay.py (one process per link) sits between
+The kernel here has no netem, so bench/delayrelay.py (one process per link, at niceness -10
+where allowed: it plays the network, whose clock should not wait for the CPU) sits between
 each system's client half and server half and models one TCP path of the given RTT:
 
 - sockproxy: local.py -> relay -> server.py;
@@ -43,13 +44,10 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fetcher import Destination, Result, Target, run_fetches
 from bench.peers import (
     Link,
     Running,
@@ -85,123 +84,7 @@ PEERS = ("sockproxy", "ssh", "ss", "microsocks", "tcp")
 PAGE_FETCHES = 24
 PAGE_PARALLEL = 6
 BURST = 50
-TIMEOUT = 30.0
-BODY = b"hello from the destination\n" * 4
 NONE = "\u2013"  # an en dash: no figure
-
-
-# ------------------------------------------------------------------------------ destination
-
-
-class Destination:
-    """A tiny HTTP server on 127.0.0.1: any GET gets ``BODY`` and a close."""
-
-    RESPONSE = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
-        + str(len(BODY)).encode()
-        + b"\r\nConnection: close\r\n\r\n"
-        + BODY
-    )
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.port: int = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(TIMEOUT)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            head = b""
-            try:
-                while b"\r\n\r\n" not in head:
-                    data = conn.recv(4096)
-                    if not data:
-                        return
-                    head += data
-                conn.sendall(self.RESPONSE)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._listener.close()
-
-
-# ------------------------------------------------------------------------------ one fetch
-
-
-class FetchError(Exception):
-    """A sample went wrong: a SOCKS refusal, a short or wrong response, a timeout."""
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise FetchError(f"closed after {data!r}")
-        data += chunk
-    return data
-
-
-def _socks_connect(sock: socket.socket, dest_port: int) -> None:
-    """SOCKS5 no-auth greeting, CONNECT localhost:dest_port (ATYP 3), the whole reply."""
-    sock.sendall(b"\x05\x01\x00")
-    if _recv_exact(sock, 2) != b"\x05\x00":
-        raise FetchError("the proxy refused the no-auth method")
-    name = b"localhost"
-    sock.sendall(b"\x05\x01\x00\x03" + bytes((len(name),)) + name + dest_port.to_bytes(2, "big"))
-    head = _recv_exact(sock, 4)
-    if head[1] != 0:
-        raise FetchError(f"SOCKS reply code {head[1]}")
-    atyp = head[3]
-    if atyp == 1:
-        _recv_exact(sock, 4 + 2)
-    elif atyp == 4:
-        _recv_exact(sock, 16 + 2)
-    elif atyp == 3:
-        _recv_exact(sock, _recv_exact(sock, 1)[0] + 2)
-    else:
-        raise FetchError(f"SOCKS reply ATYP {atyp}")
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a fetch connects: a SOCKS5 proxy, or (socks=False) the destination itself."""
-
-    port: int
-    dest_port: int
-    socks: bool = True
-
-
-def fetch(target: Target) -> tuple[float, float]:
-    """One sample: (time to first byte, time to the end of the response), in seconds."""
-    request = b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: wan.py\r\n\r\n"
-    started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", target.port), timeout=TIMEOUT) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if target.socks:
-            _socks_connect(sock, target.dest_port)
-        sock.sendall(request)
-        first = sock.recv(1)
-        first_at = time.perf_counter()
-        if not first:
-            raise FetchError("no response")
-        rest = [first]
-        while data := sock.recv(65536):
-            rest.append(data)
-        ended_at = time.perf_counter()
-    if b"".join(rest) != Destination.RESPONSE:
-        raise FetchError(f"wrong response: {b''.join(rest)[:80]!r}")
-    return first_at - started, ended_at - started
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -218,68 +101,33 @@ class Figures:
     errors: list[str] = field(default_factory=list)
 
 
-def _guarded(figures: Figures, target: Target) -> tuple[float, float] | None:
-    try:
-        return fetch(target)
-    except (OSError, FetchError) as exc:
-        figures.errors.append(f"{type(exc).__name__}: {exc}")
-        return None
+def fetches(
+    ctx: Context, figures: Figures, target: Target, count: int, parallel: int
+) -> list[Result]:
+    """Run them; the failed ones go to ``figures.errors``, the rest are returned."""
+    results = run_fetches(ctx.destination, target, count, parallel)
+    figures.errors += [r.error for r in results if r.error is not None]
+    return [r for r in results if r.error is None]
 
 
-def measure_sequential(figures: Figures, target: Target, samples: int) -> None:
-    _guarded(figures, target)  # the warm-up connection: a session/tunnel/ticket exists after it
-    for _ in range(samples):
-        result = _guarded(figures, target)
-        if result is not None:
-            figures.ttfb.append(result[0])
+def measure_sequential(ctx: Context, figures: Figures, target: Target) -> None:
+    fetches(ctx, figures, target, 1, 1)  # the warm-up: a session/tunnel/ticket exists after it
+    results = fetches(ctx, figures, target, ctx.args.samples, 1)
+    figures.ttfb += [r.ttfb for r in results if r.ttfb is not None]
 
 
-def _in_threads(count: int, work: Callable[[int], None]) -> None:
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT * 4)
-
-
-def measure_page(figures: Figures, target: Target) -> None:
+def measure_page(ctx: Context, figures: Figures, target: Target) -> None:
     """PAGE_FETCHES fetches, PAGE_PARALLEL at a time, like a browser's connection limit."""
-    left = list(range(PAGE_FETCHES))
-    lock = threading.Lock()
-    ok = [0]
-
-    def worker(_index: int) -> None:
-        while True:
-            with lock:
-                if not left:
-                    return
-                left.pop()
-            if _guarded(figures, target) is not None:
-                with lock:
-                    ok[0] += 1
-
-    started = time.perf_counter()
-    _in_threads(PAGE_PARALLEL, worker)
-    if ok[0] == PAGE_FETCHES:
-        figures.page_wall = time.perf_counter() - started
+    results = fetches(ctx, figures, target, PAGE_FETCHES, PAGE_PARALLEL)
+    if len(results) == PAGE_FETCHES:
+        ends = [r.ended for r in results if r.ended is not None]
+        figures.page_wall = max(ends) - min(r.started for r in results)
 
 
-def measure_burst(figures: Figures, target: Target) -> None:
-    """BURST new connections released at once by a barrier; each one's TTFB."""
-    barrier = threading.Barrier(BURST)
-    lock = threading.Lock()
-
-    def one(_index: int) -> None:
-        try:
-            barrier.wait(TIMEOUT)
-        except threading.BrokenBarrierError:
-            return
-        result = _guarded(figures, target)
-        if result is not None:
-            with lock:
-                figures.burst.append(result[0])
-
-    _in_threads(BURST, one)
+def measure_burst(ctx: Context, figures: Figures, target: Target) -> None:
+    """BURST new connections started at once; each one's TTFB."""
+    results = fetches(ctx, figures, target, BURST, BURST)
+    figures.burst += [r.ttfb for r in results if r.ttfb is not None]
 
 
 # ------------------------------------------------------------------------------ systems
@@ -310,6 +158,7 @@ def relay_link(ctx: Context, rtt_ms: float, relays: list[Proc]) -> Link:
         (port,) = free_ports(1)
         command = [sys.executable, str(RELAY), "--port", str(port)]
         command += ["--upstream-port", str(upstream_port), "--rtt-ms", str(rtt_ms)]
+        command += ["--nice", str(ctx.args.relay_nice)]
         proc = ctx.procs.start("delayrelay", command, None)
         relays.append(proc)
         wait_listening(port, [proc])
@@ -399,9 +248,9 @@ def measure(ctx: Context, system: System, rtt_ms: float) -> Figures:
         sitting = system.sit(ctx, rtt_ms, relays)
         if sitting.restart_local is not None:
             measure_cold(ctx, figures, sitting)
-        measure_sequential(figures, sitting.target, ctx.args.samples)
-        measure_page(figures, sitting.target)
-        measure_burst(figures, sitting.target)
+        measure_sequential(ctx, figures, sitting.target)
+        measure_page(ctx, figures, sitting.target)
+        measure_burst(ctx, figures, sitting.target)
     except (PeerError, OSError, subprocess.SubprocessError) as exc:
         figures.errors.append(f"{system.key} failed: {exc}")
         log(f"{system.key} at {rtt_ms:g} ms FAILED: {exc}")
@@ -420,9 +269,7 @@ def measure_cold(ctx: Context, figures: Figures, sitting: Sitting) -> None:
     for index in range(ctx.args.cold_samples):
         if index:
             target = sitting.restart_local()
-        result = _guarded(figures, target)
-        if result is not None:
-            figures.cold.append(result[0])
+        figures.cold += [r.ttfb for r in fetches(ctx, figures, target, 1, 1) if r.ttfb is not None]
     sitting.target = target
 
 
@@ -447,6 +294,14 @@ def _ms_rtt(value: float | None, rtt_ms: float, count: int | None = None) -> str
     return text if count is None else f"{text} (n={count})"
 
 
+def _over_tcp(value: float | None, tcp: float | None, rtt_ms: float) -> str:
+    """How many RTTs above the plain TCP row of the same sitting (the relay's own error and
+    the machine's load are in both, so they cancel)."""
+    if value is None or tcp is None:
+        return ""
+    return f" ({(value - tcp) * 1000 / rtt_ms:+.2f} over TCP)"
+
+
 def _burst(values: list[float], rtt_ms: float) -> str:
     if not values:
         return NONE
@@ -467,15 +322,19 @@ def table_rows(
         f"burst: {BURST} new connections at once, median",
     ]
     rows = [head]
+    tcp = {rtt: _median(f.ttfb) for rtt, system, f in results if system.key == "tcp"}
     for rtt_ms, system, figures in results:
         label = system.label(args)
         page = _ms_rtt(figures.page_wall, rtt_ms)
         errors = f" ({len(figures.errors)} errors)" if figures.errors else ""
+        ttfb = _ms_rtt(_median(figures.ttfb), rtt_ms)
+        if system.key != "tcp":
+            ttfb += _over_tcp(_median(figures.ttfb), tcp.get(rtt_ms), rtt_ms)
         rows.append(
             [
                 f"{rtt_ms:g} ms",
                 label + errors,
-                _ms_rtt(_median(figures.ttfb), rtt_ms),
+                ttfb,
                 page,
                 _burst(figures.burst, rtt_ms),
             ]
@@ -523,7 +382,9 @@ def header(meta: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "each system's client half and server half (microsocks: between the client and it); "
         "the client and the destination are on loopback with no delay.",
         f"Warm: after one warm-up connection (a persistent session/tunnel exists); medians of "
-        f"{args.samples}. Burst: per-connection TTFB, median (and the slowest).",
+        f"{args.samples}. Burst: per-connection TTFB, median (and the slowest). "
+        "'over TCP': RTTs above the plain TCP row at the same RTT (ideally 2 RTT; what it "
+        "shows above that is the harness's error under the machine's load).",
         "",
     ]
 
@@ -603,6 +464,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help="a JSON object merged into the generated local config",
     )
+    p.add_argument(
+        "--relay-nice",
+        type=int,
+        default=-10,
+        help="the relays' niceness increment [-10; ignored where not allowed]",
+    )
     p.add_argument("--bits", type=int, default=3072, help="sockproxy RSA key size [3072]")
     p.add_argument("--markdown", action="store_true", help="print a README-ready table")
     p.add_argument("--no-install", action="store_true", help="skip missing peers, no apt-get")
@@ -630,7 +497,6 @@ def available(systems: list[System], install: bool) -> list[System]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    sys.setswitchinterval(0.0005)  # the fetch threads' timestamps wait less for the GIL
     meta = machine(args)
     systems = available([SYSTEMS[key] for key in args.peers], not args.no_install)
     procs = Processes()
