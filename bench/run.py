@@ -26,8 +26,6 @@ import argparse
 import contextlib
 import datetime
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -35,30 +33,50 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.peers import (
+    SHIPPED_MAX_CONNECTIONS,
+    Running,
+    SockproxyOptions,
+    microsocks_label,
+    microsocks_missing,
+    pproxy_label,
+    pproxy_missing,
+    ss_label,
+    ss_missing,
+    ssh_label,
+    ssh_missing,
+    start_microsocks,
+    start_pproxy,
+    start_sockproxy,
+    start_ss,
+    start_ssh,
+)
+from bench.procs import (
+    STOP_TIMEOUT,
+    PeerError,
+    Processes,
+    install_apt_peers,
+    log,
+    run_to_stderr,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOCKSBENCH = Path(__file__).resolve().parents[2] / "shared/bench/socksbench.py"
 RESULTS_DIR = REPO / "bench" / "results"
 
 PEERS = ("ssh", "ss", "pproxy", "microsocks", "direct")
-APT_PACKAGES = ("openssh-server", "openssh-client", "shadowsocks-libev", "microsocks")
 PPROXY_REQUIREMENT = "pproxy==2.7.9"
-SS_PASSWORD = "benchpass"  # loopback only, a throwaway server
-SSH_CIPHER = "aes256-gcm@openssh.com"
-
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
-SHIPPED_MAX_CONNECTIONS = 1024
 
 # Targets, from the brief: sockproxy against the ssh aes256-gcm row.
 TARGET_THROUGHPUT_RATIO = 0.5
@@ -70,323 +88,6 @@ TARGET_BIG_RSS_MB = 150.0
 
 Json = dict[str, Any]
 NONE = "\u2013"  # an en dash: no figure
-
-
-class PeerError(Exception):
-    """A peer could not be started or measured."""
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ processes
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[1])
-
-
-def children_of(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` right now."""
-    return [int(n) for n in os.listdir("/proc") if n.isdigit() and _ppid(int(n)) == pid]
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    todo = children_of(pid)
-    while todo:
-        child = todo.pop()
-        if child not in found:
-            found.append(child)
-            todo.extend(children_of(child))
-    return found
-
-
-def _signal_pid(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-@dataclass
-class Proc:
-    """A process started by this run; its output goes to ``log_path`` (or a pipe)."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    command: list[str]
-    log_path: Path | None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_text(self) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 15) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-@dataclass
-class Stopped:
-    exit_code: int | None
-    forced: bool  # SIGKILL was needed
-
-
-class Processes:
-    """Every process this run started; ``stop_all`` ends the ones left, with descendants."""
-
-    def __init__(self) -> None:
-        self._live: list[Proc] = []
-
-    def start(
-        self,
-        name: str,
-        command: list[str],
-        log_path: Path | None,
-        *,
-        cwd: Path | None = None,
-        pipe_stdout: bool = False,
-    ) -> Proc:
-        log(f"start {name}: {shlex.join(command)}")
-        out: int | IO[bytes]
-        if pipe_stdout:
-            out, err = subprocess.PIPE, None  # stderr (progress) goes to ours
-        elif log_path is not None:
-            out = log_path.open("ab")
-            err = subprocess.STDOUT
-        else:
-            out, err = subprocess.DEVNULL, subprocess.DEVNULL
-        try:
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=cwd,
-                start_new_session=True,  # Ctrl-C reaches us, and we stop them in order
-            )
-        finally:
-            if not isinstance(out, int):
-                out.close()
-        proc = Proc(name, popen, command, log_path)
-        self._live.append(proc)
-        return proc
-
-    def forget(self, proc: Proc) -> None:
-        if proc in self._live:
-            self._live.remove(proc)
-
-    def stop(self, proc: Proc, timeout: float = STOP_TIMEOUT) -> Stopped:
-        """SIGTERM and wait; SIGKILL after ``timeout``. Leftover descendants are ended too."""
-        tree = descendants(proc.pid) if proc.popen.poll() is None else []
-        forced = False
-        if proc.popen.poll() is None:
-            _signal_pid(proc.pid, signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            forced = True
-            _signal_pid(proc.pid, signal.SIGKILL)
-            proc.popen.wait()
-        for pid in tree:
-            if Path(f"/proc/{pid}").exists():
-                _signal_pid(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        while any(Path(f"/proc/{pid}").exists() for pid in tree) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in tree:
-            if Path(f"/proc/{pid}").exists():
-                _signal_pid(pid, signal.SIGKILL)
-        self.forget(proc)
-        return Stopped(proc.popen.returncode, forced)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self._live)):
-            log(f"stopping leftover {proc.name} (pid {proc.pid})")
-            self.stop(proc, timeout=5)
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1 (all held open until every one is chosen)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def listening_ports() -> set[int] | None:
-    """Ports in LISTEN state (from /proc/net/tcp*), or None where /proc cannot tell."""
-    ports: set[int] = set()
-    try:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A":  # TCP_LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    except (OSError, IndexError, ValueError):
-        return None
-    return ports
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for_port(port: int, procs: Iterable[Proc], timeout: float = READY_TIMEOUT) -> None:
-    """Until 127.0.0.1:``port`` listens; fail early if one of ``procs`` exits.
-
-    It looks at /proc/net/tcp rather than connecting, so that no proxy logs a probe as a
-    failed handshake; it connects only where /proc cannot tell.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        for proc in procs:
-            if proc.popen.poll() is not None:
-                raise PeerError(
-                    f"{proc.name} exited with {proc.popen.returncode} before listening:\n"
-                    f"{proc.log_tail()}"
-                )
-        listening = listening_ports()
-        if port in listening if listening is not None else _accepts(port):
-            return
-        if time.monotonic() > deadline:
-            raise PeerError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-        time.sleep(0.05)
-
-
-def wait_for_log(proc: Proc, pattern: str, timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while pattern not in proc.log_text():
-        if proc.popen.poll() is not None:
-            raise PeerError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
-        if time.monotonic() > deadline:
-            raise PeerError(f"{proc.name}: no {pattern!r} in its log after {timeout}s")
-        time.sleep(0.05)
-
-
-# ------------------------------------------------------------------------------ sockproxy
-
-
-def generate_keys(directory: Path, bits: int) -> None:
-    """Fresh key pairs with the project's own tool: local_*.pem and server_*.pem."""
-    command = [sys.executable, str(REPO / "utils/genkey.py"), "--dir", str(directory)]
-    result = subprocess.run(
-        [*command, "--bits", str(bits)], capture_output=True, text=True, timeout=600, check=False
-    )
-    if result.returncode != 0:
-        raise PeerError(f"genkey.py failed ({result.returncode}): {result.stderr.strip()}")
-
-
-def write_configs(
-    directory: Path,
-    server_port: int,
-    local_port: int,
-    max_connections: int = SHIPPED_MAX_CONNECTIONS,
-) -> tuple[Path, Path]:
-    """server_config.json and local_config.json in ``directory`` (keys in ``directory/keys``)."""
-    common = {
-        "handshake_timeout": 10,
-        "connect_timeout": 10,
-        "idle_timeout": 300,
-        "max_connections": max_connections,
-    }
-    server = {
-        "server_address": "127.0.0.1",
-        "server_port": server_port,
-        "whitelist": ["127.0.0.1", "::1"],
-        "local_public_key": "keys/local_public.pem",
-        "server_private_key": "keys/server_private.pem",
-        **common,
-    }
-    local = {
-        "local_address": "127.0.0.1",
-        "local_port": local_port,
-        "auth": False,
-        "whitelist": ["127.0.0.1", "::1"],
-        "server_address": "127.0.0.1",
-        "server_port": server_port,
-        "server_public_key": "keys/server_public.pem",
-        "local_private_key": "keys/local_private.pem",
-        **common,
-    }
-    server_path, local_path = directory / "server_config.json", directory / "local_config.json"
-    server_path.write_text(json.dumps(server, indent=4) + "\n")
-    local_path.write_text(json.dumps(local, indent=4) + "\n")
-    return server_path, local_path
-
-
-@dataclass
-class SockproxyPair:
-    """The real server.py and local.py, running on loopback."""
-
-    server: Proc
-    local: Proc
-    server_port: int
-    local_port: int
-    workdir: Path
-
-
-def start_sockproxy(
-    procs: Processes,
-    workdir: Path,
-    bits: int,
-    *,
-    log_level: str = "WARNING",
-    max_connections: int = SHIPPED_MAX_CONNECTIONS,
-) -> SockproxyPair:
-    """Keys, configs, then server.py and local.py; returns once both accept connections."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    generate_keys(workdir / "keys", bits)
-    server_port, local_port = free_ports(2)
-    server_cfg, local_cfg = write_configs(workdir, server_port, local_port, max_connections)
-    options = ["--log-level", log_level]
-    server = procs.start(
-        "server.py",
-        [sys.executable, str(REPO / "server.py"), "--config", str(server_cfg), *options],
-        workdir / "server.log",
-        cwd=REPO,
-    )
-    wait_for_port(server_port, [server])
-    local = procs.start(
-        "local.py",
-        [sys.executable, str(REPO / "local.py"), "--config", str(local_cfg), *options],
-        workdir / "local.log",
-        cwd=REPO,
-    )
-    wait_for_port(local_port, [local, server])
-    return SockproxyPair(server, local, server_port, local_port, workdir)
-
-
-# ------------------------------------------------------------------------------ peers
-
-
-@dataclass
-class Running:
-    """A started proxy: where its SOCKS5 port is, which PIDs to measure, how to stop it."""
-
-    socks_port: int | None  # None: --direct
-    pids: list[int]
-    procs: list[Proc]  # in stop order
-    must_exit_zero: bool = False  # sockproxy: SIGTERM must give exit code 0
-    after: Callable[[PeerResult], None] | None = None  # extra checks once measured
 
 
 @dataclass
@@ -404,32 +105,6 @@ class PeerSpec:
     start: Callable[[Context], Running]
 
 
-def _package_version(name: str) -> str:
-    try:
-        result = subprocess.run(
-            ["dpkg-query", "-W", "-f", "${Version}", name],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except OSError:
-        return "?"
-    return result.stdout.strip() if result.returncode == 0 else "?"
-
-
-def _python_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
-def _missing_commands(*commands: str) -> str | None:
-    absent = [c for c in commands if shutil.which(c) is None and not Path(c).is_file()]
-    return f"missing: {', '.join(absent)}" if absent else None
-
-
 # --- sockproxy
 
 
@@ -440,12 +115,8 @@ def sockproxy_max_connections(args: argparse.Namespace) -> int:
 
 
 def start_sockproxy_peer(ctx: Context) -> Running:
-    pair = start_sockproxy(
-        ctx.procs,
-        ctx.tmp / "sockproxy",
-        ctx.args.bits,
-        max_connections=sockproxy_max_connections(ctx.args),
-    )
+    options = SockproxyOptions(max_connections=sockproxy_max_connections(ctx.args))
+    pair = start_sockproxy(ctx.procs, ctx.tmp / "sockproxy", ctx.args.bits, options=options)
     return Running(
         pair.local_port,
         [pair.local.pid, pair.server.pid],
@@ -454,190 +125,11 @@ def start_sockproxy_peer(ctx: Context) -> Running:
     )
 
 
-# --- OpenSSH
-
-
-def _sshd_config(directory: Path, port: int) -> str:
-    return "\n".join(
-        [
-            "ListenAddress 127.0.0.1",
-            f"Port {port}",
-            f"HostKey {directory / 'hostkey'}",
-            f"PidFile {directory / 'sshd.pid'}",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            f"AuthorizedKeysFile {directory / 'authorized_keys'}",
-            "PermitRootLogin prohibit-password",
-            "UsePAM no",
-            "StrictModes no",
-            "AllowTcpForwarding yes",
-            "X11Forwarding no",
-            "PrintMotd no",
-            "MaxStartups 100:30:200",
-            "MaxSessions 100",
-            "",
-        ]
-    )
-
-
-def start_ssh(ctx: Context) -> Running:
-    directory = ctx.tmp / "ssh"
-    directory.mkdir()
-    for name in ("hostkey", "userkey"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)],
-            check=True,
-            timeout=60,
-        )
-    shutil.copy(directory / "userkey.pub", directory / "authorized_keys")
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation folder
-    sshd_port, socks_port = free_ports(2)
-    (directory / "sshd_config").write_text(_sshd_config(directory, sshd_port))
-    sshd = ctx.procs.start(
-        "sshd",
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
-        directory / "sshd.log",
-    )
-    wait_for_log(sshd, f"Server listening on 127.0.0.1 port {sshd_port}")
-    options = [
-        "-p",
-        str(sshd_port),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        f"UserKnownHostsFile={directory / 'known_hosts'}",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-i",
-        str(directory / "userkey"),
-        "-c",
-        SSH_CIPHER,
-    ]
-    client = ctx.procs.start(
-        "ssh",
-        ["ssh", "-N", "-D", f"127.0.0.1:{socks_port}", *options, "root@127.0.0.1"],
-        directory / "ssh.log",
-    )
-    wait_for_port(socks_port, [client, sshd])
-    # Measured: the ssh client and the sshd session process(es), not the idle listener.
-    sessions = children_of(sshd.pid)
-
-    def check_cipher(result: PeerResult) -> None:
-        probe = subprocess.run(
-            ["ssh", "-v", *options, "root@127.0.0.1", "true"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        ciphers = sorted(set(re.findall(r"kex: \S+ cipher: (\S+)", probe.stderr)))
-        result.notes.append(f"negotiated cipher: {', '.join(ciphers) or 'unknown'}")
-
-    return Running(socks_port, [client.pid, *sessions], [client, sshd], after=check_cipher)
-
-
-def ssh_label(_args: argparse.Namespace) -> str:
-    version = _package_version("openssh-client").split(":")[-1].split("-")[0]
-    return f"OpenSSH {version} `-D -c {SSH_CIPHER}`"
-
-
-# --- shadowsocks-libev
-
-
-def start_ss(ctx: Context) -> Running:
-    directory = ctx.tmp / "ss"
-    directory.mkdir()
-    server_port, socks_port = free_ports(2)
-    common = ["-k", SS_PASSWORD, "-m", "aes-256-gcm", "-t", "60"]
-    server = ctx.procs.start(
-        "ss-server",
-        ["ss-server", "-s", "127.0.0.1", "-p", str(server_port), *common],
-        directory / "ss-server.log",
-    )
-    wait_for_port(server_port, [server])
-    local = ctx.procs.start(
-        "ss-local",
-        [
-            "ss-local",
-            *("-s", "127.0.0.1", "-p", str(server_port)),
-            *("-b", "127.0.0.1", "-l", str(socks_port)),
-            *common,
-        ],
-        directory / "ss-local.log",
-    )
-    wait_for_port(socks_port, [local, server])
-    return Running(socks_port, [local.pid, server.pid], [local, server])
-
-
-def ss_label(_args: argparse.Namespace) -> str:
-    version = _package_version("shadowsocks-libev").split("+")[0]
-    return f"shadowsocks-libev {version}, aes-256-gcm"
-
-
-# --- pproxy
-
-
-def pproxy_command() -> list[str] | None:
-    beside = Path(sys.executable).parent / "pproxy"
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("pproxy")
-    if found:
-        return [found]
-    importlib.invalidate_caches()
-    if importlib.util.find_spec("pproxy") is not None:
-        return [sys.executable, "-m", "pproxy"]
-    return None
-
-
-def pproxy_missing() -> str | None:
-    if pproxy_command() is None:
-        return "missing: pproxy"
-    importlib.invalidate_caches()
-    if importlib.util.find_spec("Crypto") is None:
-        return "missing: pycryptodome (pproxy needs it for aes-256-gcm)"
-    return None
-
-
-def start_pproxy(ctx: Context) -> Running:
-    directory = ctx.tmp / "pproxy"
-    directory.mkdir()
-    command = pproxy_command()
-    assert command is not None
-    server_port, socks_port = free_ports(2)
-    remote = f"ss://aes-256-gcm:{SS_PASSWORD}@127.0.0.1:{server_port}"
-    server = ctx.procs.start("pproxy server", [*command, "-l", remote], directory / "server.log")
-    wait_for_port(server_port, [server])
-    local = ctx.procs.start(
-        "pproxy local",
-        [*command, "-l", f"socks5://127.0.0.1:{socks_port}", "-r", remote],
-        directory / "local.log",
-    )
-    wait_for_port(socks_port, [local, server])
-    return Running(socks_port, [local.pid, server.pid], [local, server])
-
-
-def pproxy_label(_args: argparse.Namespace) -> str:
-    return f"pproxy {_python_version('pproxy')} (pycryptodome {_python_version('pycryptodome')})"
-
-
-# --- microsocks and direct
-
-
-def start_microsocks(ctx: Context) -> Running:
-    directory = ctx.tmp / "microsocks"
-    directory.mkdir()
-    (port,) = free_ports(1)
-    proc = ctx.procs.start(
-        "microsocks",
-        ["microsocks", "-i", "127.0.0.1", "-p", str(port)],
-        directory / "microsocks.log",
-    )
-    wait_for_port(port, [proc])
-    return Running(port, [proc.pid], [proc])
+def _in_folder(
+    start: Callable[[Processes, Path], Running], name: str
+) -> Callable[[Context], Running]:
+    """A peer's start function, in its own folder of the run's temporary folder."""
+    return lambda ctx: start(ctx.procs, ctx.tmp / name)
 
 
 def start_direct(_ctx: Context) -> Running:
@@ -651,19 +143,16 @@ SOCKPROXY = PeerSpec(
     start_sockproxy_peer,
 )
 PEER_SPECS = {
-    "ssh": PeerSpec(
-        "ssh",
-        ssh_label,
-        lambda: _missing_commands("/usr/sbin/sshd", "ssh", "ssh-keygen"),
-        start_ssh,
+    "ssh": PeerSpec("ssh", lambda _a: ssh_label(), ssh_missing, _in_folder(start_ssh, "ssh")),
+    "ss": PeerSpec("ss", lambda _a: ss_label(), ss_missing, _in_folder(start_ss, "ss")),
+    "pproxy": PeerSpec(
+        "pproxy", lambda _a: pproxy_label(), pproxy_missing, _in_folder(start_pproxy, "pproxy")
     ),
-    "ss": PeerSpec("ss", ss_label, lambda: _missing_commands("ss-server", "ss-local"), start_ss),
-    "pproxy": PeerSpec("pproxy", pproxy_label, pproxy_missing, start_pproxy),
     "microsocks": PeerSpec(
         "microsocks",
-        lambda _a: f"microsocks {_package_version('microsocks').split('-')[0]} (no crypto)",
-        lambda: _missing_commands("microsocks"),
-        start_microsocks,
+        lambda _a: microsocks_label(),
+        microsocks_missing,
+        _in_folder(start_microsocks, "microsocks"),
     ),
     "direct": PeerSpec("direct", lambda _a: "direct (loopback limit)", lambda: None, start_direct),
 }
@@ -752,8 +241,8 @@ def bench_peer(ctx: Context, spec: PeerSpec, results: list[PeerResult]) -> None:
         result.bench = run_socksbench(ctx, target, main_bench_args(ctx.args), running.pids)
         if ctx.args.conns_big > 0:
             result.big = run_socksbench(ctx, target, big_bench_args(ctx.args), running.pids)
-        if running.after is not None:
-            running.after(result)
+        if running.notes is not None:
+            result.notes += running.notes()
         result.status = "ok"
     except (PeerError, OSError, subprocess.SubprocessError) as exc:
         result.status = "failed"
@@ -1031,22 +520,9 @@ def summarize_lines(lines: list[str], limit: int = 12) -> list[str]:
 # ------------------------------------------------------------------------------ main
 
 
-def _run_to_stderr(command: list[str], env: dict[str, str] | None = None) -> bool:
-    """Run a command with its output on stderr (stdout is for the tables); True if it worked."""
-    log(f"$ {shlex.join(command)}")
-    return subprocess.run(command, env=env, stdout=sys.stderr, check=False).returncode == 0
-
-
 def install_peers() -> None:
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [*sudo, "apt-get", "install", "-y", *APT_PACKAGES]
-    if not _run_to_stderr(install, env):
-        log("apt-get install failed; apt-get update, then again")
-        _run_to_stderr([*sudo, "apt-get", "update"], env)
-        if not _run_to_stderr(install, env):
-            log("apt-get install failed: the missing peers will be skipped")
-    if not _run_to_stderr([sys.executable, "-m", "pip", "install", PPROXY_REQUIREMENT]):
+    install_apt_peers()
+    if not run_to_stderr([sys.executable, "-m", "pip", "install", PPROXY_REQUIREMENT]):
         log("pip install failed: pproxy will be skipped if missing")
 
 

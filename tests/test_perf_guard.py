@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import Processes, SockproxyPair, start_sockproxy
+from bench.peers import SockproxyPair, start_sockproxy
+from bench.procs import Processes
 
 TIMEOUT = 15.0
 BULK_BYTES = 20_000_000
