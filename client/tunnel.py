@@ -159,7 +159,7 @@ class Connector:
         for attempt in (1, 2):
             stream = self._open_stream(message, early, deadline)
             if not wait:
-                stream.on_reply = lambda body, s=stream: _check_late_reply(s, body)
+                stream.watch_reply(lambda body, s=stream: _check_late_reply(s, body))
                 return stream, Reply.SUCCEEDED, NO_ADDRESS
             try:
                 return (stream, *self._answer(stream, deadline))

@@ -62,7 +62,7 @@ class Stream:
         self._ended = False
         self._reset: str | None = None
         self._reply: bytes | None = None
-        self.on_reply: Callable[[bytes], None] | None = None  # fast open: checked later
+        self._on_reply: Callable[[bytes], None] | None = None
 
     # -- called by the session's reader thread: never blocks
     def deliver(self, frame: Frame) -> None:
@@ -80,8 +80,15 @@ class Stream:
             elif kind is FrameType.REPLY:
                 self._reply = frame.body
             self._cond.notify_all()
-        if kind is FrameType.REPLY and self.on_reply is not None:
-            self.on_reply(frame.body)
+        if kind is FrameType.REPLY and self._on_reply is not None:
+            self._on_reply(frame.body)
+
+    def watch_reply(self, callback: Callable[[bytes], None]) -> None:
+        """Fast open: ``callback`` gets the REPLY when it comes (at once if it already has)."""
+        with self._cond:
+            reply, self._on_reply = self._reply, callback
+        if reply is not None:
+            callback(reply)
 
     def sent_early(self, count: int) -> None:
         """``count`` bytes went out with the OPEN: they use up window like any DATA."""
