@@ -280,7 +280,8 @@ class Connector:
         live = LocalSession(server, Session(sock, keys, server.name), self._lifetime)
         stream = live.first_stream(early)
         WORKERS.submit(live.run_reader, handshake.trailing_data())
-        live.session.ping()  # a record under the new keys: lets a cautious server act on early data
+        if handshake.early_deferred:  # the server waits for a record under the new keys
+            live.session.ping()
         server.succeeded()
         with self._lock:
             self._sessions.append(live)

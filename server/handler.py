@@ -212,7 +212,8 @@ class ExitHandler(socketserver.BaseRequestHandler):
     def _run_session(
         self, sock: socket.socket, handshake: ServerHandshake, init: ClientInit
     ) -> None:
-        response = handshake.create_server_response()
+        defer = bool(init.early) and self.server.replay.must_defer(init.timestamp_ms)
+        response = handshake.create_server_response(defer_early=defer)
         assert handshake.keys is not None
         self.identity = init.peer.name
         session = Session(sock, handshake.keys, f"{self.peer} ({self.identity})")
@@ -220,7 +221,7 @@ class ExitHandler(socketserver.BaseRequestHandler):
         sock.sendall(response)
         log.info("session from %s (%s) opened", self.peer, self.identity)
         with self.server.session_tracking(session, init.fingerprint):
-            if self.server.replay.must_defer(init.timestamp_ms):
+            if defer:
                 session.defer_early(init.early)
             else:
                 session.feed_early(init.early, self._on_open)

@@ -5,10 +5,12 @@ only within ``WINDOW`` seconds of its own clock and only if ``R`` has not been s
 that time; the cache forgets an ``R`` once its ClientInit is too old to pass the window
 anyway, so it holds at most the ClientInits of the last 2 x ``WINDOW`` seconds.
 
-The cache lives in memory, so a restart empties it. Until ``WINDOW`` seconds after the
-start a recording made before the restart could pass, so the early data of ClientInits
-stamped before start + ``WINDOW`` is held back until the local proves it is live (its
-first record under the new session keys, which a recording cannot produce).
+The cache lives in memory, so a restart empties it, and a recording made before the restart
+could pass the window again. So the early data of a ClientInit stamped before the server's
+start is held back until the local proves it is live (its first record under the new
+session keys, which a recording cannot produce; the ServerResponse asks for it). What is
+left: a local whose clock runs ahead of the server's by d seconds could have a ClientInit
+from the last d seconds before a restart replayed once after it (keep clocks in sync).
 """
 
 from __future__ import annotations
@@ -68,5 +70,6 @@ class ReplayFilter:
             del self._seen[oldest]
 
     def must_defer(self, timestamp_ms: int) -> bool:
-        """Whether this ClientInit could have been recorded before the server started."""
-        return timestamp_ms / 1000 < self.started + self._window
+        """Whether this ClientInit was made before the server started (so the cache,
+        which started empty, cannot tell whether it has been used)."""
+        return timestamp_ms / 1000 < self.started

@@ -39,20 +39,16 @@ from bench.delayrelay import CLOSE, DOWN, OPEN, UP, DelayRelay, LinkEvent
 from tests.conftest import Launcher, TCPServer, socks_request
 from utils.socks5 import Reply
 
-# Today's code (measured at 3063503, the wire protocol before issue 8's redesign), with the
-# round trips on a real link = turns + new links:
-# - warm (after a warm-up connection; a resumption ticket is held): a new link (TCP
-#   handshake), the server's ServerHello, ClientHello + ticket + request -> ServerFinished +
-#   reply, GET -> response: 3 turns + 1 new link = 4 round trips.
-# - cold (a fresh local.py, everything it does on the link from its start): a new link, the
-#   ServerHello, the client's share and signature -> the server's, ClientFinished + request
-#   -> reply, GET -> response: 4 turns + 1 new link = 5 round trips.
-# The redesign lowers them (issue 8): warm honest mode 2 turns and no new link (request ->
-# reply and GET -> response on an already keyed channel), 1 turn with fast open.
-EXPECTED_WARM_TURNS = 3
-EXPECTED_WARM_NEW_LINKS = 1
-EXPECTED_COLD_TURNS = 4
-EXPECTED_COLD_NEW_LINKS = 1
+# The redesign of issue 8 (protocol version 2), round trips on a real link = turns + new links:
+# - warm, honest mode (a session is up): OPEN -> REPLY, GET -> response: 2 turns, no new
+#   link = 2 round trips, as ssh -D. (Before the redesign: 3 turns + 1 new link = 4.)
+# - warm, fast open: OPEN + GET -> REPLY + response: 1 turn = 1 round trip.
+# - cold (a fresh local.py): a new link, ClientInit + OPEN -> ServerResponse + REPLY,
+#   GET -> response: 2 turns + 1 new link = 3 round trips. (Before: 4 turns + 1 = 5.)
+EXPECTED = {
+    "honest": {"warm": (2, 0), "cold": (2, 1)},
+    "fast_open": {"warm": (1, 0), "cold": (1, 1)},
+}
 
 QUIET = 0.3  # seconds without link traffic before a count starts (settling, not measuring)
 SETTLE_TIMEOUT = 10.0
@@ -196,16 +192,18 @@ def new_connection(local_port: int, dest_port: int, log: LinkLog) -> Count:
     return counted
 
 
-def test_round_trips_of_a_new_connection(path: CountedLink, destination: TCPServer) -> None:
+@pytest.mark.parametrize("mode", ["honest", "fast_open"])
+def test_round_trips_of_a_new_connection(
+    path: CountedLink, destination: TCPServer, mode: str
+) -> None:
     path.log.mark()  # cold: from the local's start, whatever it does on the link
-    local = path.launcher.local(path.relay.port)
+    local = path.launcher.local(path.relay.port, fast_open=mode == "fast_open")
     cold = new_connection(local.port, destination.port, path.log)
     path.log.wait_quiet()
     path.log.mark()
     warm = new_connection(local.port, destination.port, path.log)
 
     assert warm.turns >= 1, f"the relay saw no traffic: {warm.explain()}"
-    assert warm.turns <= EXPECTED_WARM_TURNS, f"warm: a round trip more? {warm.explain()}"
-    assert warm.new_links <= EXPECTED_WARM_NEW_LINKS, f"warm: {warm.explain()}"
-    assert cold.turns <= EXPECTED_COLD_TURNS, f"cold: a round trip more? {cold.explain()}"
-    assert cold.new_links <= EXPECTED_COLD_NEW_LINKS, f"cold: {cold.explain()}"
+    expected = EXPECTED[mode]
+    assert (warm.turns, warm.new_links) == expected["warm"], f"warm: {warm.explain()}"
+    assert (cold.turns, cold.new_links) == expected["cold"], f"cold: {cold.explain()}"

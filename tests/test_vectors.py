@@ -168,9 +168,10 @@ def test_handshake_follows_the_document_read_independently() -> None:
     (length,) = struct.unpack(">H", k_response.decrypt(bytes(12), response[:18], None))
     assert len(response) == 18 + length
     reply = k_response.decrypt(bytes(11) + b"\x01", response[18:], None)
-    f_public = reply[:32]
-    server_sig = reply[34 : 34 + int.from_bytes(reply[32:34], "big")]
-    signed = b"sockproxy v2 server signature\x00" + _sha(init) + f_public
+    f_public, flags = reply[:32], reply[32]
+    assert flags == 0  # the server acts on the early data at once
+    server_sig = reply[35 : 35 + int.from_bytes(reply[33:35], "big")]
+    signed = b"sockproxy v2 server signature\x00" + _sha(init) + f_public + bytes((flags,))
     pss.new(server.public_key()).verify(SHA256.new(signed), server_sig)
     ee = X25519PrivateKey.from_private_bytes(e_private).exchange(
         X25519PublicKey.from_public_bytes(f_public)

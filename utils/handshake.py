@@ -168,23 +168,38 @@ class InitBody:
         return cls(data[:FINGERPRINT_SIZE], signature, early, data[position:])
 
 
+FLAG_EARLY_DEFERRED = 0x01  # the server holds the early data until a record arrives
+
+
 @dataclass(frozen=True)
 class ResponseBody:
-    """The server's ephemeral share and its signature over the transcript."""
+    """The server's ephemeral share, its flags and its signature over the transcript."""
 
     share: bytes
+    flags: int
     signature: bytes
     padding: bytes = b""
 
     def encode(self) -> bytes:
-        return self.share + _U16.pack(len(self.signature)) + self.signature + self.padding
+        return b"".join(
+            (
+                self.share,
+                bytes((self.flags,)),
+                _U16.pack(len(self.signature)),
+                self.signature,
+                self.padding,
+            )
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> ResponseBody:
-        if len(data) < SHARE_SIZE:
+        if len(data) < SHARE_SIZE + 1:
             raise ProtocolError("ServerResponse body: truncated share")
-        signature, position = _take_u16_prefixed(data, SHARE_SIZE, "ServerResponse signature")
-        return cls(data[:SHARE_SIZE], signature, data[position:])
+        flags = data[SHARE_SIZE]
+        if flags & ~FLAG_EARLY_DEFERRED:
+            raise ProtocolError(f"ServerResponse flags {flags:#04x} unknown")
+        signature, position = _take_u16_prefixed(data, SHARE_SIZE + 1, "ServerResponse signature")
+        return cls(data[:SHARE_SIZE], flags, signature, data[position:])
 
 
 @dataclass(frozen=True)
@@ -226,8 +241,8 @@ def _client_signed(h0: bytes, header: bytes, fingerprint: bytes) -> bytes:
     return CLIENT_SIGNATURE_LABEL + h0 + header + fingerprint
 
 
-def _server_signed(init_wire: bytes, share: bytes) -> bytes:
-    return SERVER_SIGNATURE_LABEL + sha256(init_wire) + share
+def _server_signed(init_wire: bytes, share: bytes, flags: int) -> bytes:
+    return SERVER_SIGNATURE_LABEL + sha256(init_wire) + share + bytes((flags,))
 
 
 def _traffic(es: bytes, ee: bytes, init_wire: bytes, response_wire: bytes) -> tuple[bytes, bytes]:
@@ -274,6 +289,7 @@ class ClientHandshake:
         self._keys: _InitKeys | None = None
         self._es = b""
         self.keys: SessionKeys | None = None
+        self.early_deferred = False  # the server asks for a record before it acts on early data
 
     def create_client_init(self, early: bytes = b"") -> bytes:
         if self.state is not ClientState.START:
@@ -327,7 +343,9 @@ class ClientHandshake:
         body = ResponseBody.decode(
             _open_sealed(self._keys.response, BODY_NONCE, sealed, None, "ServerResponse body")
         )
-        rsa_verify(self._server.key, _server_signed(self._init_wire, body.share), body.signature)
+        signed = _server_signed(self._init_wire, body.share, body.flags)
+        rsa_verify(self._server.key, signed, body.signature)
+        self.early_deferred = bool(body.flags & FLAG_EARLY_DEFERRED)
         response_wire = bytes(self._buffer[:end])
         del self._buffer[:end]
         ee = self._ephemeral.agree(body.share)
@@ -428,13 +446,16 @@ class ServerHandshake:
         random = self._init_wire[:RANDOM_SIZE]
         return ClientInit(peer, body.fingerprint, self._header.timestamp_ms, random, body.early)
 
-    def create_server_response(self) -> bytes:
+    def create_server_response(self, defer_early: bool = False) -> bytes:
+        """The answer; ``defer_early``: tell the local that its early data waits for its
+        first record (the caller holds it back, see server/replay.py)."""
         if self.state is not ServerState.AUTHENTICATED:
             raise ProtocolError("ServerResponse before an authenticated ClientInit")
         assert self._keys is not None
         ephemeral = Ephemeral(self._rng)
-        signature = self._secret.sign(_server_signed(self._init_wire, ephemeral.share))
-        body = ResponseBody(ephemeral.share, signature, _padding(self._rng)).encode()
+        flags = FLAG_EARLY_DEFERRED if defer_early else 0
+        signature = self._secret.sign(_server_signed(self._init_wire, ephemeral.share, flags))
+        body = ResponseBody(ephemeral.share, flags, signature, _padding(self._rng)).encode()
         sealed_body = self._keys.response.seal(BODY_NONCE, body)
         header = _U16.pack(len(sealed_body))
         response_wire = self._keys.response.seal(HEADER_NONCE, header) + sealed_body
