@@ -3,7 +3,10 @@
 - AES-256-GCM (``Aead``) from ``cryptography`` (OpenSSL): 0.8 µs per 64-byte record where
   pycryptodome needs ~40 µs to set up a nonce (bench/crypto_micro.py).
 - X25519 (``Ephemeral``, ``static_x25519``) from ``cryptography``.
-- RSA-PSS signatures with SHA-256 from pycryptodome, the design's library.
+- RSA keys and RSA-PSS signatures with SHA-256 from pycryptodome, the design's library;
+  with the OS's randomness the signature and its check run in OpenSSL instead (RSA-3072
+  sign 3.1 ms vs 9.0 ms, verify 0.07 vs 0.24 ms on this machine: the cold handshake signs
+  twice), on a copy of the key made once per key, never per connection.
 - HKDF-SHA256 and SHA-256 on the standard library's ``hmac``/``hashlib``.
 - The padding stream: AES-256-CTR keystream under a random key, a fast CSPRNG.
 """
@@ -21,7 +24,9 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.PublicKey.RSA import RsaKey
 from Crypto.Signature import pss
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -129,15 +134,53 @@ def x25519_public(rsa_private: RsaKey) -> bytes:
     return static_x25519(rsa_private).share
 
 
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+_OPENSSL_KEYS: dict[int, tuple[RsaKey, rsa.RSAPrivateKey | rsa.RSAPublicKey]] = {}
+_OPENSSL_LOCK = threading.Lock()
+
+
+def _openssl(key: RsaKey) -> rsa.RSAPrivateKey | rsa.RSAPublicKey:
+    """OpenSSL's copy of ``key``, made on first use (keys are loaded once and kept)."""
+    with _OPENSSL_LOCK:
+        held = _OPENSSL_KEYS.get(id(key))
+        if held is None or held[0] is not key:
+            if key.has_private():
+                der = key.export_key(format="DER", pkcs=8)
+                copy: rsa.RSAPrivateKey | rsa.RSAPublicKey = _private_der(der)
+            else:
+                copy = _public_der(key.export_key(format="DER"))
+            held = _OPENSSL_KEYS[id(key)] = (key, copy)
+        return held[1]
+
+
+def _private_der(der: bytes) -> rsa.RSAPrivateKey:
+    loaded = serialization.load_der_private_key(der, None)
+    assert isinstance(loaded, rsa.RSAPrivateKey)
+    return loaded
+
+
+def _public_der(der: bytes) -> rsa.RSAPublicKey:
+    loaded = serialization.load_der_public_key(der)
+    assert isinstance(loaded, rsa.RSAPublicKey)
+    return loaded
+
+
 def rsa_sign(key: RsaKey, message: bytes, rng: Random = os.urandom) -> bytes:
-    """RSA-PSS (SHA-256, MGF1-SHA256, 32-byte salt) over ``message``."""
+    """RSA-PSS (SHA-256, MGF1-SHA256, 32-byte salt) over ``message``. Fixed randomness
+    (the test vectors) takes pycryptodome, which accepts a random source."""
+    if rng is os.urandom:
+        signer = _openssl(key)
+        assert isinstance(signer, rsa.RSAPrivateKey)
+        return signer.sign(message, _PSS, hashes.SHA256())
     return bytes(pss.new(key, rand_func=rng).sign(SHA256.new(message)))
 
 
 def rsa_verify(key: RsaKey, message: bytes, signature: bytes) -> None:
+    loaded = _openssl(key)
+    public = loaded.public_key() if isinstance(loaded, rsa.RSAPrivateKey) else loaded
     try:
-        pss.new(key).verify(SHA256.new(message), signature)
-    except (ValueError, TypeError):
+        public.verify(signature, message, _PSS, hashes.SHA256())
+    except (InvalidSignature, ValueError):
         raise AuthenticationError("signature does not verify") from None
 
 
