@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
-from typing import Any
 
+from server.destinations import Destinations
+from server.limits import TunnelLimits
 from server.udp import ExitAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler, describe, set_nodelay
 from utils.channel import Channel, Deadline, server_handshake
@@ -19,8 +19,6 @@ from utils.handshake import (
     TicketStore,
 )
 from utils.socks5 import (
-    ATYP_IPV4,
-    ATYP_IPV6,
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
     Address,
@@ -36,19 +34,14 @@ log = logging.getLogger("sockproxy.server")
 NO_ADDRESS = Address("0.0.0.0", 0)
 
 
-def _resolve(address: Address) -> list[tuple[Any, ...]]:
-    """getaddrinfo, without the resolver round trip for an IP literal (most requests)."""
-    if address.atyp == ATYP_IPV4:
-        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (address.host, address.port))]
-    if address.atyp == ATYP_IPV6:
-        return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (address.host, address.port, 0, 0))]
-    return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
-
-
 class ExitServer(ProxyServer):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.tickets = TicketStore(config.resumption_lifetime)
+        self.destinations = Destinations(config)
+        self.limits = TunnelLimits(
+            config.max_connections_per_key, config.max_udp_associations_per_key
+        )
         self.authorized: dict[bytes, AuthorizedPeer] = {}
         self.set_authorized_keys(config.authorized_keys)
         super().__init__(
@@ -70,6 +63,7 @@ class ExitServer(ProxyServer):
 class ExitHandler(TunnelHandler):
     server: ExitServer
     plain_is_client = False
+    _held: tuple[str, bool] | None = None  # (key name, is UDP) counted in server.limits
 
     def serve(self, record: AccessRecord) -> None:
         config = self.server.config
@@ -80,16 +74,19 @@ class ExitHandler(TunnelHandler):
             channel = server_handshake(self.request, handshake, deadline)
         except (OSError, SockproxyError) as exc:
             # Quiet towards the peer (we just close), explicit in our log.
-            log.warning("handshake from %s failed: %s", record.client, describe(exc))
+            record.quiet = not self.server.limited_log.warning(
+                self.client_address[0], "handshake from %s failed: %s", record.client, describe(exc)
+            )
             raise
         record.identity = handshake.peer_name + (" resumed" if handshake.resumed else "")
         try:
             request = decode_tunnel_request(channel.receive_message(deadline))
             record.target = str(request.address)
-            if request.command == CMD_UDP_ASSOCIATE:
+            refusal = self._hold_slot(handshake.peer_name, request.command == CMD_UDP_ASSOCIATE)
+            if refusal is None and request.command == CMD_UDP_ASSOCIATE:
                 self._associate(channel, record)
                 return
-            target, reply = self._connect(request)
+            target, reply = self._connect(request) if refusal is None else (None, refusal)
         except BaseException:
             channel.sock.close()
             raise
@@ -107,8 +104,21 @@ class ExitHandler(TunnelHandler):
             raise
         self.relay(target, channel, record)
 
+    def _hold_slot(self, key_name: str, udp: bool) -> Reply | None:
+        """Count this tunnel against its key's limits until ``finish``; a REP if over."""
+        field = self.server.limits.admit(key_name, udp)
+        if field is not None:
+            log.warning("refused a tunnel of key %s: %s reached", key_name, field)
+            return Reply.GENERAL_FAILURE
+        self._held = key_name, udp
+        return None
+
+    def finish(self) -> None:
+        if self._held is not None:
+            self.server.limits.release(*self._held)
+
     def _associate(self, channel: Channel, record: AccessRecord) -> None:
-        association = ExitAssociation(channel, self.server.config)  # its socket first
+        association = ExitAssociation(channel, self.server.destinations)  # its socket first
         channel.send_message(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
         record.relay = association
         failure = association.serve()
@@ -128,25 +138,13 @@ class ExitHandler(TunnelHandler):
         if request.command != CMD_CONNECT:
             return None, Reply.COMMAND_NOT_SUPPORTED
         config = self.server.config
-        address = request.address
-        try:
-            candidates = _resolve(address)
-        except UnicodeError:  # the idna codec refuses the name (e.g. a label over 63 bytes)
-            return None, Reply.HOST_UNREACHABLE
-        except OSError as exc:
-            return None, reply_for_error(exc)
-        allowed = [
-            info
-            for info in candidates
-            if config.destination_allowed(ipaddress.ip_address(info[4][0]), address.port)
-        ]
-        if not allowed:
-            log.warning("destination %s denied by the rules", address)
-            return None, Reply.NOT_ALLOWED
+        allowed = self.server.destinations.resolve(request.address, socket.SOCK_STREAM)
+        if isinstance(allowed, Reply):
+            return None, allowed
         last_error: OSError = OSError("no address")
         deadline = Deadline(config.timeouts.connect)  # for all addresses together
-        for family, kind, proto, _, sockaddr in allowed:
-            sock = socket.socket(family, kind, proto)
+        for family, sockaddr in allowed:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 deadline.arm(sock)
                 sock.connect(sockaddr)

@@ -1,0 +1,107 @@
+"""Log lines an attacker can pace (refusals, failed handshakes), limited per source address.
+
+Each source gets a token bucket (``burst`` lines at once, then ``rate`` lines a second); what
+it is refused is counted, and at most every ``summary_interval`` seconds one line per source
+says how many were suppressed. Access lines of authenticated connections never go through
+here: only what a stranger can make us write does.
+
+``TokenBuckets`` is the arithmetic (no I/O, injectable clock); ``LimitedLog`` is the thread-safe
+logger the servers own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_SOURCES = 4096  # buckets kept at once; past it, full (idle) buckets are forgotten first
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+    suppressed: int = 0
+
+
+class TokenBuckets:
+    """A token bucket per source, plus the count of what each one was refused."""
+
+    def __init__(
+        self,
+        rate: float = 1.0,
+        burst: float = 5.0,
+        summary_interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.summary_interval = summary_interval
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._last_summary = clock()
+
+    def admit(self, source: str) -> bool:
+        """Whether one more line from ``source`` may be written now."""
+        now = self._clock()
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            self._make_room(now)
+            bucket = self._buckets[source] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        bucket.suppressed += 1
+        return False
+
+    def due_summaries(self) -> list[tuple[str, int]]:
+        """``(source, suppressed)`` for each source with suppressed lines, once per interval."""
+        now = self._clock()
+        if now - self._last_summary < self.summary_interval:
+            return []
+        self._last_summary = now
+        due = [(s, b.suppressed) for s, b in self._buckets.items() if b.suppressed]
+        for source, _ in due:
+            self._buckets[source].suppressed = 0
+        return due
+
+    def _make_room(self, now: float) -> None:
+        """Forget buckets that refilled and hold no count; if none, the oldest one."""
+        if len(self._buckets) < MAX_SOURCES:
+            return
+        for source, bucket in list(self._buckets.items()):
+            refilled = bucket.tokens + (now - bucket.updated) * self.rate >= self.burst
+            if refilled and not bucket.suppressed:
+                del self._buckets[source]
+        if len(self._buckets) >= MAX_SOURCES:
+            del self._buckets[next(iter(self._buckets))]
+
+
+class LimitedLog:
+    """``warning(source, ...)`` writes unless ``source`` is over its rate; summaries follow."""
+
+    def __init__(self, logger: logging.Logger, buckets: TokenBuckets | None = None) -> None:
+        self._log = logger
+        self._buckets = buckets or TokenBuckets()
+        self._lock = threading.Lock()
+
+    def warning(self, source: str, message: str, *args: object) -> bool:
+        """Log ``message % args`` if ``source`` may; returns whether it was written."""
+        with self._lock:
+            admitted = self._buckets.admit(source)
+        if admitted:
+            self._log.warning(message, *args)
+        self.flush()
+        return admitted
+
+    def flush(self) -> None:
+        """Write the summaries that are due (also called from the accept loop)."""
+        with self._lock:
+            due = self._buckets.due_summaries()
+        for source, count in due:
+            self._log.warning("suppressed %d similar line(s) from %s", count, source)
