@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.config import IPAddress, ServerConfig, kernel_view
-from utils.socks5 import ATYP_DOMAIN, Address, Reply, reply_for_error
+from utils.socks5 import Address, Reply, reply_for_error
 
 log = logging.getLogger("sockproxy.server")
 
@@ -65,8 +65,8 @@ class Destinations:
             return reply_for_error(exc)
         allowed = [
             (family, sockaddr)
-            for family, sockaddr in candidates
-            if self.allowed(ipaddress.ip_address(sockaddr[0]), address.port)
+            for family, sockaddr, ip in candidates
+            if self.allowed(ip, address.port)
         ]
         if not allowed:
             log.warning("destination %s denied by the rules", address)
@@ -74,15 +74,34 @@ class Destinations:
         return allowed
 
 
-def _candidates(address: Address, kind: socket.SocketKind) -> list[Target]:
+def _candidates(
+    address: Address, kind: socket.SocketKind
+) -> list[tuple[socket.AddressFamily, Sockaddr, IPAddress]]:
     """getaddrinfo for a name; an IP literal as it is (most requests: no resolver)."""
-    if address.atyp != ATYP_DOMAIN:
-        ip = ipaddress.ip_address(address.host)
-        if ip.version == 4:
-            return [(socket.AF_INET, (address.host, address.port))]
-        return [(socket.AF_INET6, (address.host, address.port, 0, 0))]
+    literal = _ip_literal(address.host)
+    if isinstance(literal, ipaddress.IPv4Address):
+        return [(socket.AF_INET, (address.host, address.port), literal)]
+    if literal is not None:
+        return [(socket.AF_INET6, (address.host, address.port, 0, 0), literal)]
     infos = socket.getaddrinfo(address.host, address.port, type=kind)
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    return [(info[0], info[4], ipaddress.ip_address(info[4][0])) for info in infos]
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """The address of an IP literal (canonical, as ``Address`` keeps it), None for a name.
+
+    inet_pton then bytes: several times faster than parsing the text with ``ipaddress``,
+    which matters for UDP (measured: tests/test_replyfilter.py sends 100,000 datagrams).
+    """
+    for family, kind in (
+        (socket.AF_INET, ipaddress.IPv4Address),
+        (socket.AF_INET6, ipaddress.IPv6Address),
+    ):
+        try:
+            return kind(socket.inet_pton(family, host))
+        except OSError:
+            continue
+    return None
 
 
 # --- the host's own addresses ------------------------------------------------------------

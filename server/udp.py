@@ -83,7 +83,8 @@ class ExitAssociation(Association):
         if isinstance(allowed, Reply):
             log.debug("dropped a datagram to %s: %s", destination, allowed.name.lower())
             return None
-        return plain_ip(str(allowed[0][1][0])), destination.port
+        host = str(allowed[0][1][0])
+        return (plain_ip(host) if ":" in host else host), destination.port
 
     def _socket_address(self, target: tuple[str, int]) -> tuple[str, int]:
         if self._udp.family == socket.AF_INET6 and ":" not in target[0]:
