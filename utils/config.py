@@ -226,6 +226,8 @@ _SERVER_FIELDS = _COMMON_FIELDS | {
     "destination_allow",
     "destination_deny",
     "block_private_destinations",
+    "max_connections_per_key",
+    "max_udp_associations_per_key",
 }
 _LOCAL_FIELDS = (
     _COMMON_FIELDS
@@ -382,11 +384,16 @@ def _str(f: _Fields, name: str, default: str | None = None, *, secret: bool = Fa
     if not isinstance(value, str):
         shown = type(value).__name__ if secret else _show(value)
         raise f.error(name, f"expected a string, got {shown}")
+    _check_unicode(f, name, value)
+    return value
+
+
+def _check_unicode(f: _Fields, name: str, value: str) -> None:
+    """JSON allows a lone surrogate ("\\ud800"); UTF-8, file names and sockets do not."""
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON allows "\ud800"; UTF-8 (and every program) does not
+    except UnicodeEncodeError:
         raise f.error(name, "holds a lone surrogate (like \\ud800): not valid Unicode") from None
-    return value
 
 
 def _list(f: _Fields, name: str, default: list[object] | None = None) -> list[object]:
@@ -546,6 +553,7 @@ def _key_at(f: _Fields, name: str, value: object, loader: Callable[[Path], RsaKe
     """Load the key file named by ``value`` (of field ``name``); errors name file and field."""
     if not isinstance(value, str) or not value:
         raise f.error(name, f"expected a path to a key file, got {_show(value)}")
+    _check_unicode(f, name, value)
     path = Path(os.path.normpath(f.base / Path(value).expanduser()))
     try:
         return loader(path)
