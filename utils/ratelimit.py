@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MAX_SOURCES = 4096  # buckets kept at once; past it, full (idle) buckets are forgotten first
+MAX_SOURCES = 4096  # buckets kept at once; past it the oldest quarter is forgotten
 
 
 @dataclass
@@ -43,13 +43,14 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._last_summary = clock()
+        self._forgotten = 0  # suppressed lines of sources forgotten to make room
 
     def admit(self, source: str) -> bool:
         """Whether one more line from ``source`` may be written now."""
         now = self._clock()
         bucket = self._buckets.get(source)
         if bucket is None:
-            self._make_room(now)
+            self._make_room()
             bucket = self._buckets[source] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
@@ -68,18 +69,18 @@ class TokenBuckets:
         due = [(s, b.suppressed) for s, b in self._buckets.items() if b.suppressed]
         for source, _ in due:
             self._buckets[source].suppressed = 0
+        if self._forgotten:
+            due.append(("other sources", self._forgotten))
+            self._forgotten = 0
         return due
 
-    def _make_room(self, now: float) -> None:
-        """Forget buckets that refilled and hold no count; if none, the oldest one."""
+    def _make_room(self) -> None:
+        """When full, forget the oldest quarter at once (amortised O(1) per new source);
+        their suppressed counts go to one "other sources" count."""
         if len(self._buckets) < MAX_SOURCES:
             return
-        for source, bucket in list(self._buckets.items()):
-            refilled = bucket.tokens + (now - bucket.updated) * self.rate >= self.burst
-            if refilled and not bucket.suppressed:
-                del self._buckets[source]
-        if len(self._buckets) >= MAX_SOURCES:
-            del self._buckets[next(iter(self._buckets))]
+        for source in list(self._buckets)[: MAX_SOURCES // 4]:
+            self._forgotten += self._buckets.pop(source).suppressed
 
 
 class LimitedLog:
