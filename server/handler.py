@@ -74,7 +74,7 @@ class ExitHandler(TunnelHandler):
             channel = server_handshake(self.request, handshake, deadline)
         except (OSError, SockproxyError) as exc:
             # Quiet towards the peer (we just close), explicit in our log.
-            record.quiet = not self.server.limited_log.warning(
+            self.server.limited_log.warning(
                 self.client_address[0], "handshake from %s failed: %s", record.client, describe(exc)
             )
             raise
@@ -116,6 +116,7 @@ class ExitHandler(TunnelHandler):
     def finish(self) -> None:
         if self._held is not None:
             self.server.limits.release(*self._held)
+        super().finish()
 
     def _associate(self, channel: Channel, record: AccessRecord) -> None:
         association = ExitAssociation(channel, self.server.destinations)  # its socket first

@@ -51,9 +51,21 @@ def test_lone_surrogate_elsewhere_is_a_config_error_too(launcher: Launcher, tmp_
         load_server_config(path)
 
 
-@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.0.2.10", "proxy.example"])
-def test_open_proxy_local_is_refused(launcher: Launcher, tmp_path: Path, address: str) -> None:
-    config = launcher.local_config(9, local_address=address, whitelist=["*"], auth=False)
+@pytest.mark.parametrize(
+    ("address", "whitelist"),
+    [
+        ("0.0.0.0", ["*"]),
+        ("::", ["*"]),
+        ("192.0.2.10", ["*"]),
+        ("proxy.example", ["*"]),
+        ("0.0.0.0", ["0.0.0.0/0"]),
+        ("::", ["10.0.0.0/8", "::/0"]),
+    ],
+)
+def test_open_proxy_local_is_refused(
+    launcher: Launcher, tmp_path: Path, address: str, whitelist: list[str]
+) -> None:
+    config = launcher.local_config(9, local_address=address, whitelist=whitelist, auth=False)
     path = tmp_path / "local.json"
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError) as caught:

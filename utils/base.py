@@ -189,7 +189,6 @@ class AccessRecord:
     started: float = field(default_factory=time.monotonic)
     relay: LiveTunnel | None = None
     plain_is_client: bool = True
-    quiet: bool = False  # a stranger's line that the per-source rate limit suppressed
 
     @property
     def up(self) -> int:
@@ -230,7 +229,7 @@ class TunnelHandler(socketserver.BaseRequestHandler):
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
         finally:
-            if access_log.isEnabledFor(logging.INFO) and not record.quiet:
+            if access_log.isEnabledFor(logging.INFO):
                 access_log.info("%s", record.line())
 
     def serve(self, record: AccessRecord) -> None:

@@ -711,7 +711,8 @@ def _is_loopback_host(host: str) -> bool:
 
 def _refuse_open_proxy(f: _Fields, address: str, auth: bool, whitelist: Whitelist) -> None:
     """A local on a non-loopback address with auth off and ``["*"]`` is an open proxy."""
-    if whitelist.any and not auth and not _is_loopback_host(address):
+    everyone = whitelist.any or any(net.prefixlen == 0 for net in whitelist.networks)
+    if everyone and not auth and not _is_loopback_host(address):
         raise f.error(
             "whitelist",
             f'["*"] with "auth" off on {address} makes an open proxy for anyone who reaches it:'

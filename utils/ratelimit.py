@@ -1,9 +1,10 @@
 """Log lines an attacker can pace (refusals, failed handshakes), limited per source address.
 
-Each source gets a token bucket (``burst`` lines at once, then ``rate`` lines a second); what
-it is refused is counted, and at most every ``summary_interval`` seconds one line per source
-says how many were suppressed. Access lines of authenticated connections never go through
-here: only what a stranger can make us write does.
+Each source (an IPv4 address or an IPv6 /64) gets a token bucket (``burst`` lines at once,
+then ``rate`` lines a second); what it is refused is counted, and at most every
+``summary_interval`` seconds one line per source says how many were suppressed. Access lines
+never go through here (a failed handshake still gets its one access line, with the reason):
+only the extra warnings a stranger can make us write do.
 
 ``TokenBuckets`` is the arithmetic (no I/O, injectable clock); ``LimitedLog`` is the thread-safe
 logger the servers own.
@@ -11,6 +12,7 @@ logger the servers own.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -83,6 +85,20 @@ class TokenBuckets:
             self._forgotten += self._buckets.pop(source).suppressed
 
 
+def source_of(host: str) -> str:
+    """What one bucket covers: an IPv4 address, or an IPv6 /64 (a host often holds a whole
+    /64, so per address would let it rotate past the limit)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class LimitedLog:
     """``warning(source, ...)`` writes unless ``source`` is over its rate; summaries follow."""
 
@@ -91,8 +107,9 @@ class LimitedLog:
         self._buckets = buckets or TokenBuckets()
         self._lock = threading.Lock()
 
-    def warning(self, source: str, message: str, *args: object) -> bool:
-        """Log ``message % args`` if ``source`` may; returns whether it was written."""
+    def warning(self, host: str, message: str, *args: object) -> bool:
+        """Log ``message % args`` if ``host``'s source may; returns whether it was written."""
+        source = source_of(host)
         with self._lock:
             admitted = self._buckets.admit(source)
         if admitted:
