@@ -6,18 +6,20 @@ from __future__ import annotations
 import logging
 import sys
 
+from server.destinations import warn_if_exposed
 from server.handler import ExitServer
 from utils.base import ProxyServer
 from utils.cli import parse_args, run
-from utils.config import load_server_config, reload_authorized_keys
+from utils.config import ServerConfig, load_server_config, reload_authorized_keys
 from utils.errors import ConfigError
 
 log = logging.getLogger("sockproxy.server")
 
 
 def reload_keys(server: ProxyServer) -> None:
-    """SIGHUP: re-read the authorized keys; live connections are not touched."""
+    """SIGHUP: re-read the host's addresses and the authorized keys; live connections stay."""
     assert isinstance(server, ExitServer)
+    server.destinations.refresh()
     try:
         keys = reload_authorized_keys(server.config.path)
     except ConfigError as exc:
@@ -27,11 +29,16 @@ def reload_keys(server: ProxyServer) -> None:
     log.info("SIGHUP: %d authorized key(s) loaded", len(keys))
 
 
+def start_server(config: ServerConfig) -> ExitServer:
+    warn_if_exposed(config)
+    return ExitServer(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("server.py", __doc__ or "", "server_config.json", argv)
     return run(
         args,
-        lambda passphrase: ExitServer(load_server_config(args.config, passphrase)),
+        lambda passphrase: start_server(load_server_config(args.config, passphrase)),
         reload_keys,
     )
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 
+from client.backoff import PasswordBackoff, check_after_backoff
 from client.tunnel import Connector
 from client.udp import LocalAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler, wait_readable
@@ -47,6 +49,7 @@ class LocalServer(ProxyServer):
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
         self.connector = Connector(config)
+        self.backoff = PasswordBackoff()  # per source, after failed passwords
         super().__init__(
             (config.address, config.port), LocalHandler, config.whitelist, config.max_connections
         )
@@ -164,15 +167,17 @@ class LocalHandler(TunnelHandler):
         while (parsed := parse_head(buffer)) is None:
             buffer += recv_some(client, deadline)
         connect, used = parsed
-        if config.auth and not self._credentials_ok(connect.credentials):
+        if config.auth and not self._credentials_ok(connect.credentials, deadline):
             raise HttpProxyError(407, "Proxy Authentication Required", "wrong or no credentials")
         return Request(CMD_CONNECT, connect.address), buffer[used:]
 
-    def _credentials_ok(self, credentials: tuple[bytes, bytes] | None) -> bool:
-        config = self.server.config
-        user, password = credentials or (b"", b"")
-        expected = config.username.encode(), config.password.encode()
-        return credentials is not None and credentials_match(*expected, user, password)
+    def _credentials_ok(self, credentials: tuple[bytes, bytes] | None, deadline: Deadline) -> bool:
+        if credentials is None:
+            return False  # no guess (a browser's first try): nothing to slow down
+        expected = self.server.config.username.encode(), self.server.config.password.encode()
+        check = functools.partial(credentials_match, *expected, *credentials)
+        source = self.client_address[0]
+        return check_after_backoff(self.server.backoff, source, check, deadline.remaining)
 
     def _negotiate(self, client: socket.socket, deadline: Deadline) -> tuple[Request, bytes]:
         """RFC 1928 method selection, RFC 1929 if configured, then the request."""
@@ -188,12 +193,7 @@ class LocalHandler(TunnelHandler):
                 if method == METHOD_NO_ACCEPTABLE:
                     raise Socks5Error("no acceptable authentication method offered")
             elif isinstance(event, Credentials):
-                ok = credentials_match(
-                    config.username.encode(),
-                    config.password.encode(),
-                    event.username,
-                    event.password,
-                )
+                ok = self._credentials_ok((event.username, event.password), deadline)
                 client.sendall(auth_status(ok))
                 if not ok:
                     raise AuthenticationError("wrong username or password")

@@ -10,6 +10,7 @@ a keepalive notices a dead or half-open server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -159,7 +160,7 @@ class Connector:
         for attempt in (1, 2):
             stream = self._open_stream(message, early, deadline)
             if not wait:
-                stream.watch_reply(lambda body, s=stream: _check_late_reply(s, body))
+                stream.watch_reply(functools.partial(_check_late_reply, stream))
                 return stream, Reply.SUCCEEDED, NO_ADDRESS
             try:
                 return (stream, *self._answer(stream, deadline))

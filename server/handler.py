@@ -4,15 +4,15 @@ each stream: connect to its destination and relay."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import socketserver
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
+from server.destinations import Destinations
+from server.limits import TunnelLimits
 from server.replay import ReplayFilter
 from server.udp import ExitAssociation
 from utils.base import (
@@ -38,8 +38,6 @@ from utils.handshake import (
 from utils.keys import fingerprint_text
 from utils.session import Session, Stream
 from utils.socks5 import (
-    ATYP_IPV4,
-    ATYP_IPV6,
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
     Address,
@@ -105,15 +103,6 @@ def deadline_left(deadline: Deadline) -> float:
         return 0.0
 
 
-def _resolve(address: Address) -> list[tuple[Any, ...]]:
-    """getaddrinfo, without the resolver round trip for an IP literal (most requests)."""
-    if address.atyp == ATYP_IPV4:
-        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (address.host, address.port))]
-    if address.atyp == ATYP_IPV6:
-        return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (address.host, address.port, 0, 0))]
-    return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
-
-
 class _Counter:
     """A thread-safe count, for the SIGUSR1 summary and the tests."""
 
@@ -132,6 +121,10 @@ class ExitServer(ProxyServer):
         self.private_key_operations = _Counter()
         self.secret = server_secret(config.private_key, self._sign)
         self.replay = ReplayFilter()
+        self.destinations = Destinations(config)
+        self.limits = TunnelLimits(
+            config.max_connections_per_key, config.max_udp_associations_per_key
+        )
         self.authorized: dict[bytes, AuthorizedPeer] = {}
         self.stream_slots = threading.BoundedSemaphore(config.max_connections)
         self._sessions: dict[int, tuple[Session, bytes]] = {}
@@ -192,7 +185,9 @@ class ExitHandler(socketserver.BaseRequestHandler):
             handshake, init = self._authenticate(sock, deadline)
         except (OSError, SockproxyError) as exc:
             # Silent towards the peer, explicit in our log.
-            log.warning("handshake from %s failed: %s", self.peer, _why(exc))
+            self.server.limited_log.warning(
+                self.client_address[0], "handshake from %s failed: %s", self.peer, _why(exc)
+            )
             _stay_silent(sock, deadline)
             return
         self._run_session(sock, handshake, init)
@@ -255,7 +250,22 @@ class ExitHandler(socketserver.BaseRequestHandler):
 
     def _serve_request(self, stream: Stream, request: Request, record: AccessRecord) -> None:
         record.target = str(request.address)
-        if request.command == CMD_UDP_ASSOCIATE:
+        udp = request.command == CMD_UDP_ASSOCIATE
+        refused = self.server.limits.admit(self.identity, udp)
+        if refused is not None:
+            log.warning("refused a stream of key %s: %s reached", self.identity, refused)
+            record.outcome = f"{refused} reached"
+            stream.reply(encode_tunnel_reply(Reply.GENERAL_FAILURE, NO_ADDRESS))
+            return
+        try:
+            self._serve_admitted(stream, request, record, udp)
+        finally:
+            self.server.limits.release(self.identity, udp)
+
+    def _serve_admitted(
+        self, stream: Stream, request: Request, record: AccessRecord, udp: bool
+    ) -> None:
+        if udp:
             self._associate(stream, record)
             return
         target, reply = self._connect(request)
@@ -273,7 +283,7 @@ class ExitHandler(socketserver.BaseRequestHandler):
         relay_and_close(target, stream, record, self.server.config.timeouts.idle)
 
     def _associate(self, stream: Stream, record: AccessRecord) -> None:
-        association = ExitAssociation(stream, self.server.config)  # its socket first
+        association = ExitAssociation(stream, self.server.destinations)  # its socket first
         stream.reply(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
         record.relay = association
         failure = association.serve()
@@ -285,25 +295,13 @@ class ExitHandler(socketserver.BaseRequestHandler):
         if request.command != CMD_CONNECT:
             return None, Reply.COMMAND_NOT_SUPPORTED
         config = self.server.config
-        address = request.address
-        try:
-            candidates = _resolve(address)
-        except UnicodeError:  # the idna codec refuses the name (e.g. a label over 63 bytes)
-            return None, Reply.HOST_UNREACHABLE
-        except OSError as exc:
-            return None, reply_for_error(exc)
-        allowed = [
-            info
-            for info in candidates
-            if config.destination_allowed(ipaddress.ip_address(info[4][0]), address.port)
-        ]
-        if not allowed:
-            log.warning("destination %s denied by the rules", address)
-            return None, Reply.NOT_ALLOWED
+        allowed = self.server.destinations.resolve(request.address, socket.SOCK_STREAM)
+        if isinstance(allowed, Reply):
+            return None, allowed
         last_error: OSError = OSError("no address")
         deadline = Deadline(config.timeouts.connect)  # for all addresses together
-        for family, kind, proto, _, sockaddr in allowed:
-            sock = socket.socket(family, kind, proto)
+        for family, sockaddr in allowed:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 deadline.arm(sock)
                 sock.connect(sockaddr)

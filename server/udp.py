@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 
+from server.destinations import Destinations
 from utils.association import POLL_INTERVAL, Association
-from utils.config import ServerConfig
+from utils.replyfilter import ReplyFilter
 from utils.session import Stream
-from utils.socks5 import Address
+from utils.socks5 import Address, Reply
 from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
 log = logging.getLogger("sockproxy.udp")
@@ -48,11 +48,11 @@ class ExitAssociation(Association):
     destination this association has sent to come back.
     """
 
-    def __init__(self, stream: Stream, config: ServerConfig) -> None:
-        super().__init__(stream, config.timeouts.idle)
-        self._config = config
+    def __init__(self, stream: Stream, destinations: Destinations) -> None:
+        super().__init__(stream, destinations.config.timeouts.idle)
+        self._destinations = destinations
         self._udp = open_udp_socket()
-        self._peers: set[tuple[str, int]] = set()
+        self._peers = ReplyFilter()
 
     def serve(self) -> str | None:
         self._udp.settimeout(POLL_INTERVAL)
@@ -68,25 +68,23 @@ class ExitAssociation(Association):
         target = self._resolve(destination)
         if target is None:
             return
-        self._peers.add(target)  # before sending: the answer may be back before sendto returns
+        if self._peers.sent(target):  # before sending: the answer may be back before sendto returns
+            log.warning(
+                "UDP association reached %d destinations: forgetting the oldest", len(self._peers)
+            )
         with contextlib.suppress(OSError):  # one unreachable destination must not end it all
             self._udp.sendto(data, self._socket_address(target))
             self.to_plain += len(data)
             self.touch()
 
     def _resolve(self, destination: Address) -> tuple[str, int] | None:
-        """The destination's address if the rules allow it (names resolved here first)."""
-        try:
-            infos = socket.getaddrinfo(destination.host, destination.port, type=socket.SOCK_DGRAM)
-        except (OSError, UnicodeError):
-            log.debug("dropped a datagram to %s: does not resolve", destination)
+        """The destination's first allowed address (see server/destinations.py), or None."""
+        allowed = self._destinations.resolve(destination, socket.SOCK_DGRAM)
+        if isinstance(allowed, Reply):
+            log.debug("dropped a datagram to %s: %s", destination, allowed.name.lower())
             return None
-        for info in infos:
-            host = plain_ip(str(info[4][0]))
-            if self._config.destination_allowed(ipaddress.ip_address(host), destination.port):
-                return host, destination.port
-        log.warning("datagram to %s denied by the rules", destination)
-        return None
+        host = str(allowed[0][1][0])
+        return (plain_ip(host) if ":" in host else host), destination.port
 
     def _socket_address(self, target: tuple[str, int]) -> tuple[str, int]:
         if self._udp.family == socket.AF_INET6 and ":" not in target[0]:
@@ -100,7 +98,7 @@ class ExitAssociation(Association):
             except TimeoutError:
                 continue
             peer = plain_ip(source[0]), source[1]
-            if peer not in self._peers or len(data) > MAX_ANSWER:
+            if not self._peers.admits(peer) or len(data) > MAX_ANSWER:
                 continue  # not an answer, or too big to frame with its address: dropped
             self.send(encode_channel_datagram(Address(*peer), data))
             self.to_channel += len(data)

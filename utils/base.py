@@ -27,6 +27,7 @@ from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
+from utils.ratelimit import LimitedLog
 from utils.session import Stream
 from utils.workers import WORKERS, Completion
 
@@ -312,6 +313,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._live: dict[int, AccessRecord] = {}
         self._live_lock = threading.Lock()
+        self.limited_log = LimitedLog(log)  # lines a stranger can pace: limited per source
         super().__init__(address, handler)
 
     def server_bind(self) -> None:
@@ -324,16 +326,23 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Refuse before reading a byte: strangers first, then a full house."""
         if not self.whitelist.allows(client_address[0]):
-            log.warning("refused %s: not on the whitelist", format_peer(client_address))
+            self.limited_log.warning(
+                client_address[0], "refused %s: not on the whitelist", format_peer(client_address)
+            )
             return False
         if not self._slots.acquire(blocking=False):
-            log.warning(
+            self.limited_log.warning(
+                client_address[0],
                 "refused %s: max_connections (%d) reached",
                 format_peer(client_address),
                 self.max_connections,
             )
             return False
         return True
+
+    def service_actions(self) -> None:
+        """Each turn of the accept loop (every 0.5 s at most): due "suppressed" summaries."""
+        self.limited_log.flush()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve each connection on a pooled worker thread (ThreadingMixIn starts a new one)."""

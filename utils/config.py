@@ -57,6 +57,29 @@ MAX_CREDENTIAL_BYTES = 255
 _K = TypeVar("_K")
 
 
+_LOOPBACK_V4 = ipaddress.IPv4Address("127.0.0.1")
+_LOOPBACK_V6 = ipaddress.IPv6Address("::1")
+
+
+def kernel_view(ip: IPAddress) -> IPAddress:
+    """The address the kernel will really talk to when asked to connect or send to ``ip``.
+
+    The unspecified addresses (``0.0.0.0``, ``::``) are the local host, so they count as
+    loopback; IPv4-mapped (``::ffff:a.b.c.d``) and IPv4-compatible (``::a.b.c.d``) IPv6
+    addresses are their IPv4 address. Destination rules are checked against this view.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        value = int(ip)
+        if ip.ipv4_mapped is not None:
+            return kernel_view(ip.ipv4_mapped)
+        if value == 0:
+            return _LOOPBACK_V6
+        if value >> 32 == 0 and value != 1:  # ::a.b.c.d, deprecated but still routed as IPv4
+            return kernel_view(ipaddress.IPv4Address(value))
+        return ip
+    return _LOOPBACK_V4 if int(ip) == 0 else ip
+
+
 def _unmapped(ip: IPAddress) -> tuple[IPAddress, ...]:
     """The address, plus its IPv4 form when it is IPv4-mapped (``::ffff:a.b.c.d``)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -144,13 +167,32 @@ class ServerConfig:
     timeouts: Timeouts
     max_connections: int
     resumption_lifetime: float
+    block_private: bool = False
+    max_connections_per_key: int = 512
+    max_udp_associations_per_key: int = 64
 
-    def destination_allowed(self, ip: IPAddress, port: int) -> bool:
-        """Allowed if the allow list is empty or matches, and no deny rule matches."""
+    def destination_allowed(
+        self, ip: IPAddress, port: int, own_addresses: frozenset[IPAddress] = frozenset()
+    ) -> bool:
+        """Allowed if the allow list is empty or matches, and no deny rule matches.
+
+        The rules see ``ip`` as the kernel will use it (``kernel_view``): the allow list
+        must match that view, and a deny rule matching either the view or ``ip`` as written
+        refuses. With ``block_private_destinations``, the server's own addresses
+        (``own_addresses``, in their kernel view) are refused too.
+        """
+        seen = kernel_view(ip)
         allowed = not self.destination_allow or any(
-            rule.matches(ip, port) for rule in self.destination_allow
+            rule.matches(seen, port) for rule in self.destination_allow
         )
-        return allowed and not any(rule.matches(ip, port) for rule in self.destination_deny)
+        denied = any(rule.matches(a, port) for rule in self.destination_deny for a in (ip, seen))
+        own = self.block_private and seen in own_addresses
+        return allowed and not denied and not own
+
+    @property
+    def has_destination_rules(self) -> bool:
+        """Whether anything limits where key holders may go."""
+        return bool(self.destination_allow or self.destination_deny or self.block_private)
 
 
 @dataclass(frozen=True)
@@ -194,6 +236,8 @@ _SERVER_FIELDS = _COMMON_FIELDS | {
     "destination_allow",
     "destination_deny",
     "block_private_destinations",
+    "max_connections_per_key",
+    "max_udp_associations_per_key",
 }
 _LOCAL_FIELDS = (
     _COMMON_FIELDS
@@ -351,7 +395,16 @@ def _str(f: _Fields, name: str, default: str | None = None, *, secret: bool = Fa
     if not isinstance(value, str):
         shown = type(value).__name__ if secret else _show(value)
         raise f.error(name, f"expected a string, got {shown}")
+    _check_unicode(f, name, value)
     return value
+
+
+def _check_unicode(f: _Fields, name: str, value: str) -> None:
+    """JSON allows a lone surrogate ("\\ud800"); UTF-8, file names and sockets do not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise f.error(name, "holds a lone surrogate (like \\ud800): not valid Unicode") from None
 
 
 def _list(f: _Fields, name: str, default: list[object] | None = None) -> list[object]:
@@ -511,6 +564,7 @@ def _key_at(f: _Fields, name: str, value: object, loader: Callable[[Path], _K]) 
     """Load the key file named by ``value`` (of field ``name``); errors name file and field."""
     if not isinstance(value, str) or not value:
         raise f.error(name, f"expected a path to a key file, got {_show(value)}")
+    _check_unicode(f, name, value)
     path = Path(os.path.normpath(f.base / Path(value).expanduser()))
     try:
         return loader(path)
@@ -586,6 +640,9 @@ PRIVATE_DESTINATIONS = tuple(
         "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
         "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4",
         "240.0.0.0/4", "::/128", "::1/128", "64:ff9b::/96", "fc00::/7", "fe80::/10", "ff00::/8",
+        # translation and deprecated ranges that can lead back to any IPv4 address above:
+        # local-use NAT64, 6to4, IPv4-compatible, SIIT IPv4-translated, site-local
+        "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0:0/96", "fec0::/10",
     )
 )  # fmt: skip
 
@@ -596,9 +653,12 @@ def load_server_config(path: Path, passphrase: bytes | None = None) -> ServerCon
     address, port = _host(f, "server_address"), _port(f, "server_port")
     whitelist = _whitelist(f, "whitelist")
     allow, deny = _rules(f, "destination_allow"), _rules(f, "destination_deny")
-    if _bool(f, "block_private_destinations", False):
+    block_private = _bool(f, "block_private_destinations", False)
+    if block_private:
         deny += PRIVATE_DESTINATIONS
     timeouts, max_connections, lifetime = _common(f)
+    per_key = _int(f, "max_connections_per_key", 1, default=512)
+    udp_per_key = _int(f, "max_udp_associations_per_key", 1, default=64)
     authorized = _authorized_keys(f)
     private_key = _private_key(f, "server_private_key", passphrase)
     for item in authorized:
@@ -616,6 +676,9 @@ def load_server_config(path: Path, passphrase: bytes | None = None) -> ServerCon
         timeouts=timeouts,
         max_connections=max_connections,
         resumption_lifetime=lifetime,
+        block_private=block_private,
+        max_connections_per_key=per_key,
+        max_udp_associations_per_key=udp_per_key,
     )
 
 
@@ -645,6 +708,28 @@ def _servers(f: _Fields) -> tuple[ServerEndpoint, ...]:
     return tuple(result)
 
 
+def _is_loopback_host(host: str) -> bool:
+    """Whether a listening address is on loopback only (no name is resolved here)."""
+    if host.lower().removesuffix(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name that may resolve to anything: treat it as beyond loopback
+    return any(a.is_loopback for a in _unmapped(ip))
+
+
+def _refuse_open_proxy(f: _Fields, address: str, auth: bool, whitelist: Whitelist) -> None:
+    """A local on a non-loopback address with auth off and ``["*"]`` is an open proxy."""
+    everyone = whitelist.any or any(net.prefixlen == 0 for net in whitelist.networks)
+    if everyone and not auth and not _is_loopback_host(address):
+        raise f.error(
+            "whitelist",
+            f'["*"] with "auth" off on {address} makes an open proxy for anyone who reaches it:'
+            ' turn "auth" on or list the client networks in "whitelist"',
+        )
+
+
 def load_local_config(path: Path, passphrase: bytes | None = None) -> LocalConfig:
     """Read and check ``local_config.json``; ``passphrase`` decrypts the local private key."""
     f = _open(path, _LOCAL_FIELDS)
@@ -653,6 +738,7 @@ def load_local_config(path: Path, passphrase: bytes | None = None) -> LocalConfi
     username = _credential(f, "username", auth, secret=False)
     password = _credential(f, "password", auth, secret=True)
     whitelist = _whitelist(f, "whitelist")
+    _refuse_open_proxy(f, address, auth, whitelist)
     timeouts, max_connections, lifetime = _common(f)
     servers = _servers(f)
     private_key = _private_key(f, "local_private_key", passphrase)
