@@ -253,7 +253,7 @@ class ExitHandler(socketserver.BaseRequestHandler):
         udp = request.command == CMD_UDP_ASSOCIATE
         refused = self.server.limits.admit(self.identity, udp)
         if refused is not None:
-            log.warning("refused a stream of key %s: %s reached", self.identity, refused)
+            log.warning("refused a tunnel of key %s: %s reached", self.identity, refused)
             record.outcome = f"{refused} reached"
             stream.reply(encode_tunnel_reply(Reply.GENERAL_FAILURE, NO_ADDRESS))
             return
