@@ -65,7 +65,7 @@ SAMPLE_EVERY = 10.0  # seconds between looks at the server during the idle perio
 SERVER_SETTLE = 2.0  # after it listens, before its own CPU rate is measured
 ONE_LOCAL_SETTLE = 3.0  # the worker pool lets a parked thread go after 2 s
 STARTERS = 6  # locals started at once (each spends ~1 s importing, the machine has 2 cores)
-TCP_LISTEN_STATE, TCP_ESTABLISHED_STATE = "0A", "01"
+TCP_ESTABLISHED = "01"  # the state column of /proc/net/tcp
 
 
 # ------------------------------------------------------------------------------ /proc
@@ -102,7 +102,7 @@ def sessions_open(server_port: int) -> int:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         port = int(fields[1].rsplit(":", 1)[1], 16)
-        if port == server_port and fields[3] == TCP_ESTABLISHED_STATE:
+        if port == server_port and fields[3] == TCP_ESTABLISHED:
             count += 1
     return count
 
@@ -156,7 +156,7 @@ class Run:
     idle: list[Usage] = field(default_factory=list)  # every SAMPLE_EVERY s
     locals_cpu: tuple[float, float] = (0.0, 0.0)  # sum over the locals, idle start and end
     locals_rss_kb: list[int] = field(default_factory=list)
-    sessions: tuple[int, int] = (0, 0)  # open at idle start and end
+    sessions: list[int] = field(default_factory=list)  # open: alone, 1 local, idle start, end
     loads: dict[str, str] = field(default_factory=dict)
     server_exit: int | None = None
 
@@ -197,6 +197,7 @@ def measure_alone(run: Run) -> None:
     start = usage(run.server_pid)
     time.sleep(run.args.baseline)
     run.alone = (start, usage(run.server_pid))
+    run.sessions.append(sessions_open(run.server_port))
 
 
 def measure_one(run: Run, relay_port: int) -> None:
@@ -204,6 +205,7 @@ def measure_one(run: Run, relay_port: int) -> None:
     open_session(run, 0, start_local(run, 0, relay_port))
     time.sleep(ONE_LOCAL_SETTLE)
     run.one = usage(run.server_pid)
+    run.sessions.append(sessions_open(run.server_port))
 
 
 def add_idle_locals(run: Run, first: int, count: int) -> None:
@@ -220,7 +222,7 @@ def add_idle_locals(run: Run, first: int, count: int) -> None:
 def measure_idle(run: Run) -> None:
     time.sleep(run.args.settle)
     run.loads["idle start"] = load()
-    sessions_start = sessions_open(run.server_port)
+    run.sessions.append(sessions_open(run.server_port))
     locals_start = sum(usage(local.pid).cpu_s for local in run.locals)
     run.idle.append(usage(run.server_pid))
     end = run.idle[0].at + run.args.idle
@@ -230,7 +232,7 @@ def measure_idle(run: Run) -> None:
     local_usages = [usage(local.pid) for local in run.locals]
     run.locals_cpu = (locals_start, sum(u.cpu_s for u in local_usages))
     run.locals_rss_kb = [u.rss_kb for u in local_usages]
-    run.sessions = (sessions_start, sessions_open(run.server_port))
+    run.sessions.append(sessions_open(run.server_port))
     run.loads["idle end"] = load()
 
 
@@ -284,6 +286,11 @@ def wire(run: Run) -> Wire:
     start, end = run.idle[0].at, run.idle[-1].at
     up, down = (run.counter.between(start, end, kind) for kind in (UP, DOWN))
     return Wire(end - start, up, down)
+
+
+def ping_interval(run: Run) -> float:
+    """Seconds between PINGs: as counted on the relay, else the middle of the expected range."""
+    return wire(run).interval or KEEPALIVE_INTERVAL + KEEPALIVE_TICK / 2
 
 
 def per_minute(record: int, interval: float) -> float:
@@ -345,7 +352,7 @@ def state_table(run: Run) -> list[str]:
         ["RSS (KB)", *(str(u.rss_kb) for u in states)],
         ["threads", *(str(u.threads) for u in states)],
         ["open fds", *(str(u.fds) for u in states)],
-        ["sessions open", "0", "1", str(run.sessions[0]), str(run.sessions[1])],
+        ["sessions open", *(str(count) for count in run.sessions)],
     ]
     return render(rows)
 
@@ -373,7 +380,8 @@ def per_local_rows(run: Run, record: int) -> list[list[str]]:
             "CPU",
             f"{cpu_each:.0f} ms per hour",
             f"server CPU in the idle period {cpu_spent:.0f} ms, of which {cpu_own:.0f} ms its "
-            f"own rate alone; tick = +-{cpu_resolution_ms_per_hour(run):.0f} ms/h per local",
+            f"own rate alone; tick = +-{cpu_resolution_ms_per_hour(run):.0f} ms/h per local; "
+            f"{cpu_each * ping_interval(run) / 3600:.2f} ms per PING/PONG",
         ],
         [
             "RSS growth",
@@ -415,11 +423,10 @@ def summary(run: Run, record: int) -> str:
     n = len(run.locals)
     rss = (run.idle[0].rss_kb - run.alone[1].rss_kb) / n
     threads = (statistics.median(u.threads for u in run.idle) - run.alone[1].threads) / n
-    interval = wire(run).interval or KEEPALIVE_INTERVAL + KEEPALIVE_TICK / 2
     return (
         f"per idle local: RSS +{rss:.0f} KB, {threads:.2f} thread, "
         f"{server_cpu_ms_per_hour(run)[0]:.0f} ms server CPU per hour, "
-        f"{per_minute(record, interval):.0f} bytes/min each way"
+        f"{per_minute(record, ping_interval(run)):.0f} bytes/min each way"
     )
 
 
@@ -444,8 +451,8 @@ def report(run: Run) -> list[str]:
         f"{locals_cpu_ms_per_hour(run):.0f} ms per hour while idle",
         f"server.py exit code on SIGTERM: {run.server_exit}",
     ]
-    if run.sessions[1] != n:
-        lines.append(f"PROBLEM: {run.sessions[1]} of {n} sessions open at the end of idle")
+    if run.sessions[-1] != n:
+        lines.append(f"PROBLEM: {run.sessions[-1]} of {n} sessions open at the end of idle")
     return [*lines, "", summary(run, record)]
 
 
