@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """What an idle local costs the server: memory, threads, CPU and keepalive bytes.
 
-    python3 bench/idle.py                      # 50 idle locals, 60 s idle period (~2 min)
-    python3 bench/idle.py --locals 20 --idle 30
+    .venv/bin/python bench/idle.py                 # 50 idle locals, 60 s idle (~2.3 min here)
+    .venv/bin/python bench/idle.py --locals 20 --idle 300
+
+The programs run under this interpreter (it needs the project's requirements). Each local.py
+takes ~49 MB of RSS, so the default run needs ~2.5 GB.
 
 Protocol v2 keeps one session per local.py (one TCP connection to server.py, authenticated
 and keyed once); a local pings a session silent for KEEPALIVE_INTERVAL (client/tunnel.py)
@@ -11,14 +14,15 @@ utils/genkey.py, 127.0.0.1, free ports) and measures it from /proc (VmRSS and Th
 status, utime + stime from stat, open fds):
 
 1. alone, over --baseline seconds (its own CPU rate, subtracted later);
-2. with one local (the first session pays one-time costs: lazy imports, caches);
+2. with one local (the first session also pays the server's one-time costs);
 3. with --locals locals, each of which has made one SOCKS5 connection to a tiny loopback
    destination (bench/fetcher.py) so that its session exists, then left idle: after
    --settle seconds, every 10 s over --idle seconds.
 
 Per idle local: RSS (delta over the server alone / N, and the marginal figure over the
 one-local state), threads, fds, server CPU per hour (the idle period's CPU delta minus the
-server's own rate, extrapolated) and keepalive bytes per minute each way. The bytes come
+server's own rate, extrapolated; /proc counts CPU in 10 ms ticks, the table shows what
+that means per local) and keepalive bytes per minute each way. The bytes come
 from the code (one PING record sealed by utils/cells.py, the PONG is the same size) and are
 checked on the wire: the first local dials the server through a counting relay
 (bench/delayrelay.py with no delay) that records the size and time of every chunk. The
