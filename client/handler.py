@@ -1,10 +1,12 @@
-"""local.py's SOCKS5 front: negotiate with the client, open a tunnel, relay."""
+"""local.py's front: SOCKS5, HTTP CONNECT, plain HTTP and SOCKS4 by the first byte; relay."""
 
 from __future__ import annotations
 
 import logging
 import socket
 
+from client.httpforward import HttpForwarder, read_head
+from client.socks4 import serve_socks4
 from client.tunnel import Connector
 from client.udp import LocalAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler
@@ -18,6 +20,8 @@ from utils.httpconnect import (
     response,
     response_for_reply,
 )
+from utils.httpproxy import is_connect
+from utils.socks4 import SOCKS4_VERSION
 from utils.socks5 import (
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
@@ -57,8 +61,16 @@ class LocalHandler(TunnelHandler):
         self.idle_timeout = config.timeouts.idle
         client: socket.socket = self.request
         deadline = Deadline(config.timeouts.handshake)
-        http = looks_like_http(recv_some(client, deadline, 1, socket.MSG_PEEK)[0])
-        request, pending = self._greet(client, deadline, http)
+        first = recv_some(client, deadline, 1, socket.MSG_PEEK)[0]
+        if first == SOCKS4_VERSION:
+            serve_socks4(self, client, deadline, record)
+            return
+        http = looks_like_http(first)
+        head = read_head(client, deadline) if http else b""
+        if http and not is_connect(head):
+            HttpForwarder(self, client, record).serve(head)
+            return
+        request, pending = self._greet(client, deadline, head)
         record.target = str(request.address)
         if request.command == CMD_UDP_ASSOCIATE:
             self._associate(client, request, deadline, record)
@@ -118,12 +130,12 @@ class LocalHandler(TunnelHandler):
             record.outcome = f"aborted: {failure}"
 
     def _greet(
-        self, client: socket.socket, deadline: Deadline, http: bool
+        self, client: socket.socket, deadline: Deadline, http_head: bytes
     ) -> tuple[Request, bytes]:
         """Negotiate in the client's protocol; answer its errors in that protocol."""
         try:
-            if http:
-                return self._negotiate_http(client, deadline)
+            if http_head:
+                return self._negotiate_http(http_head)
             return self._negotiate(client, deadline)
         except Socks5Error as exc:
             if exc.reply is not None:
@@ -133,17 +145,17 @@ class LocalHandler(TunnelHandler):
             client.sendall(response(exc.status, exc.reason, ask_for_auth=exc.status == 407))
             raise
 
-    def _negotiate_http(self, client: socket.socket, deadline: Deadline) -> tuple[Request, bytes]:
+    def _negotiate_http(self, buffer: bytes) -> tuple[Request, bytes]:
         config = self.server.config
-        buffer = b""
-        while (parsed := parse_head(buffer)) is None:
-            buffer += recv_some(client, deadline)
+        parsed = parse_head(buffer)
+        if parsed is None:
+            raise HttpProxyError(400, "Bad Request", "incomplete request head")
         connect, used = parsed
-        if config.auth and not self._credentials_ok(connect.credentials):
+        if config.auth and not self.credentials_ok(connect.credentials):
             raise HttpProxyError(407, "Proxy Authentication Required", "wrong or no credentials")
         return Request(CMD_CONNECT, connect.address), buffer[used:]
 
-    def _credentials_ok(self, credentials: tuple[bytes, bytes] | None) -> bool:
+    def credentials_ok(self, credentials: tuple[bytes, bytes] | None) -> bool:
         config = self.server.config
         user, password = credentials or (b"", b"")
         expected = config.username.encode(), config.password.encode()
