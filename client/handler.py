@@ -13,6 +13,7 @@ from utils.base import AccessRecord, ProxyServer, TunnelHandler
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig
 from utils.errors import AuthenticationError, Socks5Error
+from utils.events import greeting_phase
 from utils.httpconnect import (
     HttpProxyError,
     looks_like_http,
@@ -61,12 +62,14 @@ class LocalHandler(TunnelHandler):
         self.idle_timeout = config.timeouts.idle
         client: socket.socket = self.request
         deadline = Deadline(config.timeouts.handshake)
-        first = recv_some(client, deadline, 1, socket.MSG_PEEK)[0]
+        with greeting_phase(started=False):
+            first = recv_some(client, deadline, 1, socket.MSG_PEEK)[0]
         if first == SOCKS4_VERSION:
             serve_socks4(self, client, deadline, record)
             return
         http = looks_like_http(first)
-        head = read_head(client, deadline) if http else b""
+        with greeting_phase(started=True):
+            head = read_head(client, deadline) if http else b""
         if http and not is_connect(head):
             HttpForwarder(self, client, record).serve(head)
             return
@@ -136,7 +139,8 @@ class LocalHandler(TunnelHandler):
         try:
             if http_head:
                 return self._negotiate_http(http_head)
-            return self._negotiate(client, deadline)
+            with greeting_phase(started=True):
+                return self._negotiate(client, deadline)
         except Socks5Error as exc:
             if exc.reply is not None:
                 client.sendall(build_reply(exc.reply))

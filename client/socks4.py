@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from client.streams import close_stream
 from utils.base import AccessRecord
 from utils.channel import Deadline, recv_some
+from utils.events import greeting_phase
 from utils.socks4 import CMD_CONNECT, Socks4Error, Socks4Request, build_reply, parse_request
 from utils.socks5 import CMD_CONNECT as SOCKS5_CONNECT
 from utils.socks5 import Reply, Request
@@ -48,8 +49,9 @@ def serve_socks4(
 
 def _read_request(client: socket.socket, deadline: Deadline) -> tuple[Socks4Request, bytes]:
     buffer = b""
-    while (parsed := parse_request(buffer)) is None:
-        buffer += recv_some(client, deadline)
+    with greeting_phase(started=True):
+        while (parsed := parse_request(buffer)) is None:
+            buffer += recv_some(client, deadline)
     request, used = parsed
     return request, buffer[used:]
 

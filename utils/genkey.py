@@ -17,8 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.errors import ConfigError
-from utils.keys import MIN_BITS, fingerprint, generate_pair, pair_paths, write_pair
+try:
+    from utils.errors import ConfigError
+    from utils.keys import MIN_BITS, fingerprint, generate_pair, pair_paths, write_pair
+except ModuleNotFoundError as missing:
+    from utils.requirements import exit_missing
+
+    exit_missing(missing)
 
 DEFAULT_BITS = 3072
 DEFAULT_NAMES = ("local", "server")
