@@ -18,10 +18,9 @@ from utils.httpconnect import (
     HttpProxyError,
     looks_like_http,
     parse_head,
-    response,
     response_for_reply,
 )
-from utils.httpproxy import is_connect
+from utils.httpproxy import error_response, is_connect
 from utils.socks4 import SOCKS4_VERSION
 from utils.socks5 import (
     CMD_CONNECT,
@@ -146,7 +145,7 @@ class LocalHandler(TunnelHandler):
                 client.sendall(build_reply(exc.reply))
             raise
         except HttpProxyError as exc:
-            client.sendall(response(exc.status, exc.reason, ask_for_auth=exc.status == 407))
+            client.sendall(error_response(exc.status, exc.reason, str(exc), exc.status == 407))
             raise
 
     def _negotiate_http(self, buffer: bytes) -> tuple[Request, bytes]:

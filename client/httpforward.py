@@ -29,6 +29,7 @@ from utils.httpproxy import (
     error_response,
     parse_request,
     parse_response,
+    reply_failure,
 )
 from utils.socks5 import CMD_CONNECT, Address, Reply, Request
 from utils.workers import Completion
@@ -39,14 +40,6 @@ if TYPE_CHECKING:
 READ_SIZE = 64 * 1024
 GOODBYE_TIMEOUT = 2.0  # waiting for an origin's tunnel to end after ours did
 UPLOAD_GRACE = 1.0  # after the response, for the last bytes of the request body to go out
-
-_FAILED_REPLIES = {
-    Reply.NOT_ALLOWED: (403, "Forbidden", "the sockproxy server does not allow {}"),
-    Reply.NETWORK_UNREACHABLE: (502, "Bad Gateway", "network unreachable for {}"),
-    Reply.HOST_UNREACHABLE: (502, "Bad Gateway", "cannot resolve or reach {}"),
-    Reply.CONNECTION_REFUSED: (502, "Bad Gateway", "{} refused the connection"),
-    Reply.TTL_EXPIRED: (504, "Gateway Timeout", "timed out connecting to {}"),
-}
 
 
 def read_head(client: socket.socket, deadline: Deadline) -> bytes:
@@ -124,6 +117,8 @@ class HttpForwarder:
             self._serve(buffer)
         finally:
             self._end_stream(graceful=self.failure is None)
+        if self.failure is not None:
+            self.record.outcome = f"aborted: {self.failure}"
 
     def _serve(self, buffer: bytes) -> None:
         while True:
@@ -142,7 +137,7 @@ class HttpForwarder:
         """The next request, or None if the client closed cleanly before sending one."""
         try:
             while (parsed := parse_request(buffer)) is None:
-                data = self.client.recv(READ_SIZE)
+                data = self._receive_more(bool(buffer))
                 if not data:
                     if buffer:
                         raise ConnectionError("client closed in the middle of a request head")
@@ -152,6 +147,15 @@ class HttpForwarder:
             raise self._answer(exc) from None
         request, used = parsed
         return request, buffer[used:]
+
+    def _receive_more(self, started: bool) -> bytes:
+        """More of a request head; b"" also when an idle keep-alive connection times out."""
+        try:
+            return self.client.recv(READ_SIZE)
+        except TimeoutError:
+            if started:
+                raise
+            return b""
 
     def _answer(self, exc: HttpProxyError) -> HttpProxyError:
         """Send ``exc`` as our response (a one-line body) and return it to be raised."""
@@ -205,10 +209,7 @@ class HttpForwarder:
         if reply == Reply.SUCCEEDED:
             return stream
         close_stream(stream)
-        status, reason, text = _FAILED_REPLIES.get(
-            reply, (502, "Bad Gateway", "the sockproxy server could not connect to {}")
-        )
-        raise self._answer(HttpProxyError(status, reason, text.format(origin)))
+        raise self._answer(reply_failure(reply, str(origin)))
 
     def _relay_response(self, request: ForwardRequest, stream: Stream) -> ResponseHead:
         """Relay interim responses, then the final one with its body; return its head."""

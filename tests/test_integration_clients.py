@@ -131,7 +131,7 @@ def test_curl_get_through_http_proxy(setup: Setup, data_files: DataFiles, tmp_pa
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_curl_post_body(setup: Setup, tmp_path: Path, chunked: bool) -> None:
-    body = os.urandom(300_000)
+    body = os.urandom(1_500_000)  # over 1 MB: curl sends Expect: 100-continue
     (tmp_path / "body.bin").write_bytes(body)
     extra = ["-H", "Transfer-Encoding: chunked"] if chunked else []
     url = f"http://127.0.0.1:{setup.origins[1]}/post"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from utils.errors import ProtocolError
 from utils.httpconnect import END_OF_HEAD, MAX_HEAD_SIZE, HttpProxyError, basic_credentials
-from utils.socks5 import Address
+from utils.socks5 import Address, Reply
 
 #: Never forwarded: they describe one hop (RFC 9110 section 7.6.1), or carry our password.
 HOP_BY_HOP = frozenset(
@@ -353,8 +353,24 @@ def _chunk_size(line: bytes) -> int:
 
 # --------------------------------------------------------------------------- our answers
 
+_FAILED_REPLIES = {
+    Reply.NOT_ALLOWED: (403, "Forbidden", "the sockproxy server does not allow {}"),
+    Reply.NETWORK_UNREACHABLE: (502, "Bad Gateway", "network unreachable for {}"),
+    Reply.HOST_UNREACHABLE: (502, "Bad Gateway", "cannot resolve or reach {}"),
+    Reply.CONNECTION_REFUSED: (502, "Bad Gateway", "{} refused the connection"),
+    Reply.TTL_EXPIRED: (504, "Gateway Timeout", "timed out connecting to {}"),
+}
 
-def error_response(status: int, reason: str, text: str, *, ask_for_auth: bool = False) -> bytes:
+
+def reply_failure(reply: Reply, target: str) -> HttpProxyError:
+    """The HTTP status and one-line text for a tunnel that failed with ``reply``."""
+    status, reason, text = _FAILED_REPLIES.get(
+        reply, (502, "Bad Gateway", "the sockproxy server could not connect to {}")
+    )
+    return HttpProxyError(status, reason, text.format(target))
+
+
+def error_response(status: int, reason: str, text: str, ask_for_auth: bool = False) -> bytes:
     """A complete response with a one-line text body; the connection closes after it."""
     body = (text + "\n").encode("utf-8")
     head = f"HTTP/1.1 {status} {reason}\r\n"
