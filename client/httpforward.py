@@ -32,7 +32,7 @@ from utils.httpproxy import (
     reply_failure,
 )
 from utils.socks5 import CMD_CONNECT, Address, Reply, Request
-from utils.workers import Completion
+from utils.workers import WORKERS, Completion
 
 if TYPE_CHECKING:
     from client.handler import LocalHandler
@@ -48,6 +48,10 @@ def read_head(client: socket.socket, deadline: Deadline) -> bytes:
     while END_OF_HEAD not in buffer and len(buffer) <= MAX_HEAD_SIZE:
         buffer += recv_some(client, deadline)
     return buffer
+
+
+class _NoResponse(Exception):
+    """The tunnel ended or failed before the first byte of a response."""
 
 
 class _Upload:
@@ -167,9 +171,30 @@ class HttpForwarder:
     # --- one request
 
     def _exchange(self, request: ForwardRequest, buffer: bytes) -> tuple[bool, bytes]:
-        """Forward ``request``, relay its response; (may the client send another, what follows)."""
+        """Forward ``request``, relay its response; (may the client send another, what follows).
+
+        A kept tunnel may have been closed by the origin meanwhile (its idle timeout): an
+        idempotent request without a body that gets no response byte on it is sent once more
+        on a fresh tunnel (RFC 9110 section 9.2.2); anything else gets a 502.
+        """
+        retry = request.retryable and self._stream is not None and self._origin == request.origin
+        try:
+            return self._attempt(request, buffer)
+        except _NoResponse as exc:
+            if not retry:
+                raise self._answer(HttpProxyError(502, "Bad Gateway", str(exc))) from None
+        self._end_stream(graceful=False)
+        try:
+            return self._attempt(request, buffer)
+        except _NoResponse as exc:
+            raise self._answer(HttpProxyError(502, "Bad Gateway", str(exc))) from None
+
+    def _attempt(self, request: ForwardRequest, buffer: bytes) -> tuple[bool, bytes]:
         stream = self._stream_to(request.origin)
-        self.send_up(request.head)
+        try:
+            self.send_up(request.head)
+        except (OSError, SockproxyError) as exc:
+            raise _NoResponse(f"{request.origin}: {describe(exc)}") from None
         upload = _Upload(self, BodyReader(request.body), buffer)
         try:
             head = self._relay_response(request, stream)
@@ -191,6 +216,8 @@ class HttpForwarder:
             self.record.target = ",".join(self._origins)
         stream = self._open(origin)
         self._stream, self._origin = stream, origin
+        if self.failure is not None:  # aborted while the tunnel opened: abort() missed it
+            raise ConnectionAbortedError(self.failure)
         set_stream_timeout(stream, self.config.timeouts.idle)
         return stream
 
@@ -247,8 +274,10 @@ class HttpForwarder:
         try:
             while (parsed := parse_response(buffer, request.method)) is None:
                 payloads = stream.receive()
+                if not payloads and not buffer:
+                    raise _NoResponse(f"{request.origin} closed the connection without a response")
                 if not payloads:
-                    raise ProtocolError(f"{request.origin} closed without a response")
+                    raise ProtocolError("the response head was cut off")
                 buffer += b"".join(payloads)
         except TimeoutError:
             raise self._answer(
@@ -257,6 +286,8 @@ class HttpForwarder:
         except (OSError, SockproxyError) as exc:
             if self.failure is not None:
                 raise
+            if not buffer:
+                raise _NoResponse(f"{request.origin}: {describe(exc)}") from None
             raise self._answer(
                 HttpProxyError(502, "Bad Gateway", f"{request.origin}: {describe(exc)}")
             ) from None
@@ -287,18 +318,28 @@ class HttpForwarder:
             interrupt_stream(self._stream)
 
     def _end_stream(self, graceful: bool) -> None:
-        """End the current tunnel: an end of stream and a short wait for the server's."""
+        """Close the current tunnel; ``graceful``: say goodbye first, on a pooled thread."""
         stream, self._stream, self._origin = self._stream, None, None
         self._from_origin = b""
         if stream is None:
             return
-        try:
-            if graceful:
-                stream.send_end()
-                set_stream_timeout(stream, GOODBYE_TIMEOUT)
-                while stream.receive():
-                    pass
-        except (OSError, SockproxyError):
-            pass  # the requests are done; only the goodbye failed
-        finally:
-            close_stream(stream)
+        if graceful:
+            try:
+                WORKERS.submit(_goodbye, stream)
+                return
+            except RuntimeError:
+                pass  # no thread to wait with: close at once
+        close_stream(stream)
+
+
+def _goodbye(stream: Stream) -> None:
+    """End of stream, then a short wait for the server's, so that both sides end cleanly."""
+    try:
+        stream.send_end()
+        set_stream_timeout(stream, GOODBYE_TIMEOUT)
+        while stream.receive():
+            pass
+    except (OSError, SockproxyError):
+        pass  # the requests are done; only the goodbye failed
+    finally:
+        close_stream(stream)

@@ -247,3 +247,52 @@ def test_socks4_refused_when_auth_is_on(setup: Setup) -> None:
     answer = _raw(setup.auth_local.port, request)
     assert parse_reply(answer) == (False, Address("0.0.0.0", 0))
     assert wait_for(lambda: "SOCKS4 has no password" in setup.auth_local.stderr(), 5)
+
+
+def _one_answer_then_close(conn: socket.socket, _peer: Any) -> None:
+    """An origin that says nothing of closing, then closes after one response."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def test_get_on_a_tunnel_the_origin_closed_is_sent_again(setup: Setup) -> None:
+    origin = TCPServer(_one_answer_then_close)
+    request = f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    try:
+        with socket.create_connection(("127.0.0.1", setup.local.port), timeout=10) as sock:
+            for _ in range(2):
+                sock.sendall(request)
+                received = b""
+                while len(received) < len(answer):
+                    received += sock.recv(4096) or pytest.fail(f"EOF after {received!r}")
+                assert received == answer
+    finally:
+        origin.close()
+    assert len(origin.peers) == 2  # the second GET went through a fresh tunnel
+
+
+def test_post_on_a_tunnel_the_origin_closed_gets_502(setup: Setup) -> None:
+    origin = TCPServer(_one_answer_then_close)
+    get = f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    post = f"POST http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"
+    try:
+        with socket.create_connection(("127.0.0.1", setup.local.port), timeout=10) as sock:
+            sock.sendall(get)
+            first = b""
+            while not first.endswith(b"ok"):
+                first += sock.recv(4096) or pytest.fail(f"EOF after {first!r}")
+            sock.sendall(post.encode())
+            second, ended = read_to_end(sock)
+    finally:
+        origin.close()
+    head, _, body = second.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), second
+    assert body.decode() in (  # the end of stream came first, or the server's reset did
+        f"127.0.0.1:{origin.port} closed the connection without a response\n",
+        f"127.0.0.1:{origin.port}: reset by the peer\n",
+    )
+    assert ended == "eof"
+    assert len(origin.peers) == 1  # never sent twice

@@ -29,6 +29,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     )
 )
+#: RFC 9110 section 9.2.2
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 MAX_LINE = 8 * 1024  # a chunk-size line or a trailer line
 _HEX = frozenset("0123456789abcdefABCDEF")
 _TOKEN_CHARS = frozenset(
@@ -64,6 +66,11 @@ class ForwardRequest:
     body: Body
     keep_alive: bool  # the client may send another request on this connection
     credentials: tuple[bytes, bytes] | None
+
+    @property
+    def retryable(self) -> bool:
+        """Safe to send again if a kept connection failed before any response byte."""
+        return self.method in IDEMPOTENT and self.body == NO_BODY
 
 
 @dataclass(frozen=True)
