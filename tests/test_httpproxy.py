@@ -232,3 +232,17 @@ def test_fuzz_chunked_reader(data: bytes) -> None:
     except ProtocolError:
         return
     assert body + rest == data
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_fuzz_any_bytes(head: bytes, tail: bytes) -> None:
+    """Any bytes at all: a request, a wait for more, or an HttpProxyError; responses alike."""
+    data = head + b"\r\n\r\n" + tail
+    try:
+        parse_request(data)
+    except HttpProxyError:
+        pass
+    try:
+        parse_response(data, "GET")
+    except ProtocolError:
+        pass
