@@ -63,7 +63,12 @@ class _Upload:
         self.finished = threading.Event()
         self._cancelled = False
         self._forwarder = forwarder
-        self._completion = Completion(self._run, reader, buffer)
+        self._completion: Completion | None = None
+        if reader.done:  # no body: nothing to wait for, no thread
+            self.rest = buffer
+            self.finished.set()
+        else:
+            self._completion = Completion(self._run, reader, buffer)
 
     def _run(self, reader: BodyReader, buffer: bytes) -> None:
         try:
@@ -91,7 +96,8 @@ class _Upload:
         if not self.finished.wait(grace):
             self._cancelled = True
             quietly_shutdown(self._forwarder.client, socket.SHUT_RD)
-        self._completion.join()
+        if self._completion is not None:
+            self._completion.join()
 
 
 class HttpForwarder:
