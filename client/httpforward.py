@@ -18,7 +18,13 @@ import threading
 from typing import TYPE_CHECKING
 
 from client.streams import Stream, close_stream, interrupt_stream, set_stream_timeout
-from utils.base import AccessRecord, describe, quietly_shutdown, set_reset_on_close
+from utils.base import (
+    AccessRecord,
+    close_with_reset,
+    describe,
+    quietly_shutdown,
+    set_reset_on_close,
+)
 from utils.channel import Deadline, recv_some
 from utils.errors import ProtocolError, SockproxyError
 from utils.httpconnect import END_OF_HEAD, MAX_HEAD_SIZE, HttpProxyError
@@ -125,8 +131,13 @@ class HttpForwarder:
         self.client.settimeout(self.config.timeouts.idle)
         try:
             self._serve(buffer)
+        except (OSError, SockproxyError):
+            if self.failure is None:
+                raise  # not an abort: the handler logs it as the outcome
         finally:
             self._end_stream(graceful=self.failure is None)
+            if self.failure is not None:
+                close_with_reset(self.client)  # now: a close by socketserver would FIN first
         if self.failure is not None:
             self.record.outcome = f"aborted: {self.failure}"
 

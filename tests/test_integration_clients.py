@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,7 @@ from tests.conftest import (
     access_lines,
     read_to_end,
     run_curl,
+    set_reset_on_close,
     wait_for,
 )
 from utils.socks4 import CMD_BIND, CMD_CONNECT, build_request, parse_reply
@@ -296,3 +298,34 @@ def test_post_on_a_tunnel_the_origin_closed_gets_502(setup: Setup) -> None:
     )
     assert ended == "eof"
     assert len(origin.peers) == 1  # never sent twice
+
+
+def _reset_in_the_middle(conn: socket.socket, _peer: Any) -> None:
+    """A body delimited by the end of the connection, cut off by a reset."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100)
+    time.sleep(0.2)
+    set_reset_on_close(conn)
+
+
+def test_a_cut_off_response_resets_the_client(setup: Setup) -> None:
+    """Never a clean end after a cut-off body: the client could take it for the whole."""
+    origin = TCPServer(_reset_in_the_middle)
+    request = f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", setup.local.port), timeout=10) as sock:
+            sock.sendall(request)
+            received, ended = read_to_end(sock)
+    finally:
+        origin.close()
+    assert received == b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100
+    assert ended == "reset"
+    want = f"-> 127.0.0.1:{origin.port} "
+    assert wait_for(
+        lambda: any(
+            want in x and "outcome=aborted: " in x for x in access_lines(setup.local.stderr())
+        ),
+        5,
+    ), setup.local.stderr()[-2000:]
