@@ -97,6 +97,9 @@ def test_hop_by_hop_and_credentials() -> None:
          400, "both"),
         (b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "chunked"),
         (b"GET http://h/ HTTP/1.1\r\nX: " + b"a" * 20000, 431, "too large"),
+        (b"GET http://h/ HTTP/1.1\r\nX: a\nContent-Length: 5\r\n\r\n", 400, "bare CR, LF"),
+        (b"GET http://h/ HTTP/1.1\r\nX: a\rY: b\r\n\r\n", 400, "bare CR, LF"),
+        (b"GET http://h/ HTTP/1.1\r\nX: a\x00\r\n\r\n", 400, "NUL"),
     ],
 )  # fmt: skip
 def test_refusals_say_what_to_do(raw: bytes, status: int, advice: str) -> None:

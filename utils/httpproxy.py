@@ -105,7 +105,12 @@ def _split_head(buffer: bytes) -> tuple[_Head, int] | None:
         return None
     if end > MAX_HEAD_SIZE:
         raise HttpProxyError(431, "Request Header Fields Too Large", "request head too large")
-    lines = buffer[:end].decode("latin-1").split("\r\n")
+    raw = buffer[:end]
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf or b"\x00" in raw:
+        # a bare CR or LF could end a line for the origin but not for us: refuse, never guess
+        raise HttpProxyError(400, "Bad Request", "bare CR, LF or NUL in the message head")
+    lines = raw.decode("latin-1").split("\r\n")
     return _Head(lines[0], [_header(line) for line in lines[1:]]), end + len(END_OF_HEAD)
 
 
