@@ -77,6 +77,7 @@ class _Origin(http.server.SimpleHTTPRequestHandler):
 class Setup:
     local: Program
     auth_local: Program
+    strict_local: Program  # its whitelist has only ::1: we connect from 127.0.0.1
     origins: list[int]
     refused_port: int
 
@@ -98,12 +99,14 @@ def setup(module_launcher: Launcher, data_files: DataFiles) -> Iterator[Setup]:
     auth_local = module_launcher.local(
         server.port, wait=False, auth=True, username=USER, password=PASSWORD
     )
-    for program in (server, local, auth_local):
+    strict_local = module_launcher.local(server.port, wait=False, whitelist=["::1"])
+    for program in (server, local, auth_local, strict_local):
         program.wait_ready()
     closed = TCPServer(lambda conn, _peer: conn.close())
     refused_port = closed.port
     closed.close()  # nothing listens there any more: connections are refused
-    yield Setup(local, auth_local, [int(o.server_address[1]) for o in origins], refused_port)
+    ports = [int(o.server_address[1]) for o in origins]
+    yield Setup(local, auth_local, strict_local, ports, refused_port)
     for origin in origins:
         origin.shutdown()
         origin.server_close()
@@ -244,6 +247,19 @@ def test_socks4_bind_is_refused(setup: Setup) -> None:
     assert answer == b"\x00\x5b" + bytes(6)
 
 
+@pytest.mark.parametrize("socks4a", [False, True])
+def test_socks4_whitelist_as_for_socks5(setup: Setup, socks4a: bool) -> None:
+    """Not on the whitelist: closed before a byte is read, whatever the protocol."""
+    host = "localhost" if socks4a else "127.0.0.1"
+    request = build_request(CMD_CONNECT, Address(host, setup.origins[0]))
+    try:
+        answer = _raw(setup.strict_local.port, request)
+    except (ConnectionResetError, BrokenPipeError):
+        answer = b""
+    assert answer == b""
+    assert wait_for(lambda: "refused 127.0.0.1:" in setup.strict_local.stderr(), 5)
+
+
 def test_socks4_refused_when_auth_is_on(setup: Setup) -> None:
     request = build_request(CMD_CONNECT, Address("127.0.0.1", setup.origins[0]))
     answer = _raw(setup.auth_local.port, request)
@@ -329,3 +345,31 @@ def test_a_cut_off_response_resets_the_client(setup: Setup) -> None:
         ),
         5,
     ), setup.local.stderr()[-2000:]
+
+
+# --------------------------------------------------------------------------- access log
+
+
+def test_access_log_outcomes_are_events(setup: Setup) -> None:
+    local = setup.local
+    before = len(access_lines(local.stderr()))
+    with socket.create_connection(("127.0.0.1", local.port), timeout=5):
+        pass  # closed before a single byte
+    with socket.create_connection(("127.0.0.1", local.port), timeout=5) as sock:
+        sock.sendall(b"\x05\x02")  # half a greeting
+    with socket.create_connection(("127.0.0.1", local.port), timeout=5) as sock:
+        sock.sendall(b"\x05")
+        set_reset_on_close(sock)  # reset in the middle of the greeting
+    wanted = [
+        "outcome=client closed before the greeting",
+        "outcome=client closed during the greeting",
+        "outcome=client reset during the greeting",
+    ]
+
+    def logged() -> list[str]:
+        return access_lines(local.stderr())[before:]
+
+    def all_logged() -> bool:
+        return all(any(line.endswith(w) for line in logged()) for w in wanted)
+
+    assert wait_for(all_logged, 10), local.stderr()
