@@ -61,17 +61,10 @@ class LocalHandler(TunnelHandler):
         self.idle_timeout = config.timeouts.idle
         client: socket.socket = self.request
         deadline = Deadline(config.timeouts.handshake)
-        with greeting_phase(started=False):
-            first = recv_some(client, deadline, 1, socket.MSG_PEEK)[0]
-        if first == SOCKS4_VERSION:
-            serve_socks4(self, client, deadline, record)
+        head = self._dispatch(client, deadline, record)
+        if head is None:
             return
-        http = looks_like_http(first)
-        with greeting_phase(started=True):
-            head = read_head(client, deadline) if http else b""
-        if http and not is_connect(head):
-            HttpForwarder(self, client, record).serve(head)
-            return
+        http = bool(head)
         request, pending = self._greet(client, deadline, head)
         record.target = str(request.address)
         if request.command == CMD_UDP_ASSOCIATE:
@@ -97,6 +90,24 @@ class LocalHandler(TunnelHandler):
             record.outcome = reply.name.lower()
             return
         self.relay(client, channel, record, pending)
+
+    def _dispatch(
+        self, client: socket.socket, deadline: Deadline, record: AccessRecord
+    ) -> bytes | None:
+        """Serve SOCKS4 and plain HTTP here (None); else the HTTP CONNECT head, or b"" (SOCKS5)."""
+        with greeting_phase(started=False):
+            first = recv_some(client, deadline, 1, socket.MSG_PEEK)[0]
+        if first == SOCKS4_VERSION:
+            serve_socks4(self, client, deadline, record)
+            return None
+        if not looks_like_http(first):
+            return b""
+        with greeting_phase(started=True):
+            head = read_head(client, deadline)
+        if is_connect(head):
+            return head
+        HttpForwarder(self, client, record).serve(head)
+        return None
 
     def _associate(
         self, client: socket.socket, request: Request, deadline: Deadline, record: AccessRecord
