@@ -85,7 +85,10 @@ def test_hop_by_hop_and_credentials() -> None:
     [
         (b"GET / HTTP/1.1\r\n\r\n", 400, "this is a proxy"),
         (b"GET https://h/ HTTP/1.1\r\n\r\n", 400, "CONNECT"),
-        (b"GET ftp://h/ HTTP/1.1\r\n\r\n", 400, "only http://"),
+        (b"GET ftp://h/ HTTP/1.1\r\n\r\n", 400, "only http://.*not ftp://"),
+        (b"GET a\x1bb://h/ HTTP/1.1\r\n\r\n", 400, "not other schemes"),
+        (b"GET http://h/ HTTP/1.1\r\nProxy-Authorization : Basic c2VjcmV0\r\n\r\n", 400,
+         "^malformed header line$"),
         (b"GET http://u@h/ HTTP/1.1\r\n\r\n", 400, "no user name"),
         (b"GET http://h:99999/ HTTP/1.1\r\n\r\n", 400, "host or port"),
         (b"GET http://h/ HTTP/2\r\n\r\n", 400, "request line"),

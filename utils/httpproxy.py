@@ -117,7 +117,7 @@ def _split_head(buffer: bytes) -> tuple[_Head, int] | None:
 def _header(line: str) -> tuple[str, str]:
     name, colon, value = line.partition(":")
     if not colon or not name or not set(name) <= _TOKEN_CHARS:
-        raise HttpProxyError(400, "Bad Request", f"malformed header line {line[:40]!r}")
+        raise HttpProxyError(400, "Bad Request", "malformed header line")  # never echo it: secrets
     return name, value.strip(" \t")
 
 
@@ -177,9 +177,8 @@ def _origin(target: str) -> tuple[Address, str, str]:
             400, "Bad Request", "https:// goes through CONNECT: set https_proxy to this proxy"
         )
     if scheme.lower() != "http":
-        raise HttpProxyError(
-            400, "Bad Request", f"only http:// URIs are forwarded, not {scheme}://"
-        )
+        shown = f"{scheme}://" if scheme.isalnum() and len(scheme) <= 10 else "other schemes"
+        raise HttpProxyError(400, "Bad Request", f"only http:// URIs are forwarded, not {shown}")
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     authority, path = rest[:cut], rest[cut:]
     if not path.startswith("/"):
