@@ -197,9 +197,12 @@ def test_auth_407_then_credentials(setup: Setup, data_files: DataFiles) -> None:
     refused = run_curl("-x", _proxy(setup.auth_local), "-i", url)
     assert refused.stdout.startswith(b"HTTP/1.1 407 ")
     assert b'Proxy-Authenticate: Basic realm="sockproxy"' in refused.stdout
+    wrong = run_curl("-x", _proxy(setup.auth_local), "-i", "-U", f"{USER}:wrong-{PASSWORD}", url)
+    assert wrong.stdout.startswith(b"HTTP/1.1 407 ")
     done = run_curl("-x", _proxy(setup.auth_local), "-f", "-U", f"{USER}:{PASSWORD}", url)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == data_files.small
+    assert PASSWORD not in setup.auth_local.stderr()
 
 
 def test_hop_by_hop_headers_stay_on_the_first_hop(setup: Setup) -> None:
