@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import sys
 
-from client.handler import LocalServer
-from utils.cli import parse_args, run
-from utils.config import load_local_config
+try:
+    from client.handler import LocalServer
+    from utils.cli import parse_args, run
+    from utils.config import load_local_config
+    from utils.configcheck import check, local_summary
+    from utils.listening import open_server
+except ModuleNotFoundError as missing:
+    from utils.requirements import exit_missing
+
+    exit_missing(missing)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("local.py", __doc__ or "", "local_config.json", argv)
-    return run(args, lambda passphrase: LocalServer(load_local_config(args.config, passphrase)))
+    if args.check:
+        return check(args, lambda phrase: local_summary(load_local_config(args.config, phrase)))
+    return run(
+        args, lambda phrase: open_server(load_local_config(args.config, phrase), LocalServer)
+    )
 
 
 if __name__ == "__main__":

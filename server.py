@@ -6,12 +6,19 @@ from __future__ import annotations
 import logging
 import sys
 
-from server.destinations import warn_if_exposed
-from server.handler import ExitServer
-from utils.base import ProxyServer
-from utils.cli import parse_args, run
-from utils.config import ServerConfig, load_server_config, reload_authorized_keys
-from utils.errors import ConfigError
+try:
+    from server.destinations import warn_if_exposed
+    from server.handler import ExitServer
+    from utils.base import ProxyServer
+    from utils.cli import parse_args, run
+    from utils.config import ServerConfig, load_server_config, reload_authorized_keys
+    from utils.configcheck import check, server_summary
+    from utils.errors import ConfigError
+    from utils.listening import open_server
+except ModuleNotFoundError as missing:
+    from utils.requirements import exit_missing
+
+    exit_missing(missing)
 
 log = logging.getLogger("sockproxy.server")
 
@@ -31,14 +38,16 @@ def reload_keys(server: ProxyServer) -> None:
 
 def start_server(config: ServerConfig) -> ExitServer:
     warn_if_exposed(config)
-    return ExitServer(config)
+    return open_server(config, ExitServer)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("server.py", __doc__ or "", "server_config.json", argv)
+    if args.check:
+        return check(args, lambda phrase: server_summary(load_server_config(args.config, phrase)))
     return run(
         args,
-        lambda passphrase: start_server(load_server_config(args.config, passphrase)),
+        lambda phrase: start_server(load_server_config(args.config, phrase)),
         reload_keys,
     )
 

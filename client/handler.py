@@ -1,4 +1,4 @@
-"""local.py's SOCKS5 front: negotiate with the client, open a tunnel, relay."""
+"""local.py's front: SOCKS5, HTTP CONNECT, plain HTTP and SOCKS4 by the first byte; relay."""
 
 from __future__ import annotations
 
@@ -7,20 +7,24 @@ import logging
 import socket
 
 from client.backoff import PasswordBackoff, check_after_backoff
+from client.httpforward import HttpForwarder, read_head
+from client.socks4 import serve_socks4
 from client.tunnel import Connector
 from client.udp import LocalAssociation
 from utils.base import AccessRecord, ProxyServer, TunnelHandler, wait_readable
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig
 from utils.errors import AuthenticationError, Socks5Error
+from utils.events import greeting_phase
 from utils.handshake import MAX_EARLY_DATA
 from utils.httpconnect import (
     HttpProxyError,
     looks_like_http,
     parse_head,
-    response,
     response_for_reply,
 )
+from utils.httpproxy import error_response, is_connect
+from utils.socks4 import SOCKS4_VERSION
 from utils.socks5 import (
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
@@ -63,8 +67,11 @@ class LocalHandler(TunnelHandler):
         self.idle_timeout = config.timeouts.idle
         client: socket.socket = self.request
         deadline = Deadline(config.timeouts.handshake)
-        http = looks_like_http(recv_some(client, deadline, 1, socket.MSG_PEEK)[0])
-        request, pending = self._greet(client, deadline, http)
+        head = self._dispatch(client, deadline, record)
+        if head is None:
+            return
+        http = bool(head)
+        request, pending = self._greet(client, deadline, head)
         record.target = str(request.address)
         if request.command == CMD_UDP_ASSOCIATE:
             self._associate(client, request, deadline, record)
@@ -110,6 +117,24 @@ class LocalHandler(TunnelHandler):
         stream, _, _ = self.server.connector.open(request, deadline, early=pending, wait=False)
         self.relay(client, stream, record)
 
+    def _dispatch(
+        self, client: socket.socket, deadline: Deadline, record: AccessRecord
+    ) -> bytes | None:
+        """Serve SOCKS4 and plain HTTP here (None); else the HTTP CONNECT head, or b"" (SOCKS5)."""
+        with greeting_phase(started=False):
+            first = recv_some(client, deadline, 1, socket.MSG_PEEK)[0]
+        if first == SOCKS4_VERSION:
+            serve_socks4(self, client, deadline, record)
+            return None
+        if not looks_like_http(first):
+            return b""
+        with greeting_phase(started=True):
+            head = read_head(client, deadline)
+        if is_connect(head):
+            return head
+        HttpForwarder(self, client, record).serve(head)
+        return None
+
     def _associate(
         self, client: socket.socket, request: Request, deadline: Deadline, record: AccessRecord
     ) -> None:
@@ -146,38 +171,45 @@ class LocalHandler(TunnelHandler):
             record.outcome = f"aborted: {failure}"
 
     def _greet(
-        self, client: socket.socket, deadline: Deadline, http: bool
+        self, client: socket.socket, deadline: Deadline, http_head: bytes
     ) -> tuple[Request, bytes]:
         """Negotiate in the client's protocol; answer its errors in that protocol."""
         try:
-            if http:
-                return self._negotiate_http(client, deadline)
-            return self._negotiate(client, deadline)
+            if http_head:
+                return self._negotiate_http(http_head)
+            with greeting_phase(started=True):
+                return self._negotiate(client, deadline)
         except Socks5Error as exc:
             if exc.reply is not None:
                 client.sendall(build_reply(exc.reply))
             raise
         except HttpProxyError as exc:
-            client.sendall(response(exc.status, exc.reason, ask_for_auth=exc.status == 407))
+            client.sendall(error_response(exc.status, exc.reason, str(exc), exc.status == 407))
             raise
 
-    def _negotiate_http(self, client: socket.socket, deadline: Deadline) -> tuple[Request, bytes]:
+    def _negotiate_http(self, buffer: bytes) -> tuple[Request, bytes]:
         config = self.server.config
-        buffer = b""
-        while (parsed := parse_head(buffer)) is None:
-            buffer += recv_some(client, deadline)
+        parsed = parse_head(buffer)
+        if parsed is None:
+            raise HttpProxyError(400, "Bad Request", "incomplete request head")
         connect, used = parsed
-        if config.auth and not self._credentials_ok(connect.credentials, deadline):
+        if config.auth and not self.credentials_ok(connect.credentials):
             raise HttpProxyError(407, "Proxy Authentication Required", "wrong or no credentials")
         return Request(CMD_CONNECT, connect.address), buffer[used:]
 
-    def _credentials_ok(self, credentials: tuple[bytes, bytes] | None, deadline: Deadline) -> bool:
+    def credentials_ok(
+        self, credentials: tuple[bytes, bytes] | None, deadline: Deadline | None = None
+    ) -> bool:
+        """Checked after this source's back-off (failed guesses slow the next ones)."""
         if credentials is None:
             return False  # no guess (a browser's first try): nothing to slow down
-        expected = self.server.config.username.encode(), self.server.config.password.encode()
+        config = self.server.config
+        expected = config.username.encode(), config.password.encode()
         check = functools.partial(credentials_match, *expected, *credentials)
-        source = self.client_address[0]
-        return check_after_backoff(self.server.backoff, source, check, deadline.remaining)
+        wait = deadline or Deadline(config.timeouts.handshake)
+        return check_after_backoff(
+            self.server.backoff, self.client_address[0], check, wait.remaining
+        )
 
     def _negotiate(self, client: socket.socket, deadline: Deadline) -> tuple[Request, bytes]:
         """RFC 1928 method selection, RFC 1929 if configured, then the request."""
@@ -193,7 +225,7 @@ class LocalHandler(TunnelHandler):
                 if method == METHOD_NO_ACCEPTABLE:
                     raise Socks5Error("no acceptable authentication method offered")
             elif isinstance(event, Credentials):
-                ok = self._credentials_ok((event.username, event.password), deadline)
+                ok = self.credentials_ok((event.username, event.password), deadline)
                 client.sendall(auth_status(ok))
                 if not ok:
                     raise AuthenticationError("wrong username or password")

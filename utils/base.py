@@ -27,6 +27,7 @@ from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
+from utils.events import event
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
 from utils.workers import WORKERS, Completion
@@ -67,9 +68,10 @@ def quietly_shutdown(sock: socket.socket, how: int) -> None:
 
 
 def describe(exc: BaseException) -> str:
-    """A short, secret-free reason for the logs."""
-    if isinstance(exc, TimeoutError):
-        return "timeout"
+    """A short, secret-free reason for the logs: an event where we can name one."""
+    named = event(exc)
+    if named is not None:
+        return named
     if isinstance(exc, SockproxyError):
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:

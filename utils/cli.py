@@ -20,6 +20,7 @@ from types import FrameType
 
 from utils.base import THREAD_STACK_SIZE, ProxyServer, format_peer
 from utils.errors import ConfigError
+from utils.listening import listen_failure
 
 VERSION = "1.0.0"
 EXIT_CONFIG = 2
@@ -52,6 +53,11 @@ def parse_args(
     )
     parser.add_argument(
         "--passphrase-prompt", action="store_true", help="ask for the private key's passphrase"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and keys, print a summary line and exit (0 ok, 2 error)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return parser.parse_args(argv)
@@ -90,7 +96,7 @@ def run(
         sys.stderr.write(f"{Path(sys.argv[0]).name}: config error: {exc}\n")
         return EXIT_CONFIG
     except OSError as exc:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: cannot listen: {exc.strerror or exc}\n")
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: {listen_failure(exc)}\n")
         return EXIT_RUNTIME
     return serve(server, on_reload)
 

@@ -18,16 +18,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.errors import ConfigError
-from utils.keys import (
-    MIN_BITS,
-    fingerprint,
-    generate_pair,
-    load_private_key,
-    pair_paths,
-    public_key_file,
-    write_pair,
-)
+try:
+    from utils.errors import ConfigError
+    from utils.keys import (
+        MIN_BITS,
+        fingerprint,
+        generate_pair,
+        load_private_key,
+        pair_paths,
+        public_key_file,
+        write_pair,
+    )
+except ModuleNotFoundError as missing:
+    from utils.requirements import exit_missing
+
+    exit_missing(missing)
 
 DEFAULT_BITS = 3072
 DEFAULT_NAMES = ("local", "server")

@@ -79,19 +79,27 @@ def _authority(target: str) -> Address:
 
 
 def _credentials(header_lines: list[str]) -> tuple[bytes, bytes] | None:
+    values = []
     for line in header_lines:
         name, colon, value = line.partition(":")
         if colon and name.strip().lower() == "proxy-authorization":
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() != "basic":
-                return None
-            try:
-                decoded = base64.b64decode(token.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                return None
-            user, _, password = decoded.partition(b":")
-            return user, password
-    return None
+            values.append(value)
+    return basic_credentials(values)
+
+
+def basic_credentials(values: list[str]) -> tuple[bytes, bytes] | None:
+    """(user, password) of the first ``Proxy-Authorization`` value if it is Basic, else None."""
+    if not values:
+        return None
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, _, password = decoded.partition(b":")
+    return user, password
 
 
 def response(status: int, reason: str, *, ask_for_auth: bool = False) -> bytes:

@@ -42,6 +42,7 @@ from utils.workers import WORKERS
 log = logging.getLogger("sockproxy.session")
 
 RECV_SIZE = 256 * 1024
+DEFAULT_TIMEOUT = 300.0
 
 
 class StreamReset(ChannelError):
@@ -62,6 +63,7 @@ class Stream:
         self._ended = False
         self._reset: str | None = None
         self._reply: bytes | None = None
+        self.timeout = DEFAULT_TIMEOUT  # for the callers that give none
         self._on_reply: Callable[[bytes], None] | None = None
 
     # -- called by the session's reader thread: never blocks
@@ -123,9 +125,10 @@ class Stream:
                 raise StreamReset(self._reset or "reset")
             return self._reply
 
-    def send(self, data: bytes | memoryview, timeout: float) -> None:
+    def send(self, data: bytes | memoryview, timeout: float | None = None) -> None:
         """Send ``data`` as DATA frames, waiting for window credit (at most ``timeout`` s
         at a time without progress)."""
+        timeout = self.timeout if timeout is None else timeout
         view = memoryview(data)
         while view:
             with self._cond:
@@ -138,9 +141,10 @@ class Stream:
             self.session.send(data_frames(self.id, view[:granted]))
             view = view[granted:]
 
-    def receive(self, timeout: float) -> list[bytes]:
+    def receive(self, timeout: float | None = None) -> list[bytes]:
         """What has arrived; [] once the peer has ended its direction cleanly.
         Call ``consumed`` after handing the bytes on, to reopen the window."""
+        timeout = self.timeout if timeout is None else timeout
         with self._cond:
             if not self._cond.wait_for(
                 lambda: self._inbox or self._peer_ended or self._reset, timeout

@@ -1,0 +1,57 @@
+"""What happened to a connection, in words for the logs: events, not errno text.
+
+``describe`` (utils/base.py) asks ``event`` first; the local's greeting phase turns any
+socket error into a ``ClientGone`` that says what the client did and when.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from utils.errors import ProtocolError
+
+
+class ClientGone(ProtocolError):
+    """The client closed, reset or went silent before its request was complete."""
+
+
+_EVENTS: tuple[tuple[type[OSError], str], ...] = (
+    (TimeoutError, "timeout"),
+    (ConnectionResetError, "reset by the peer"),
+    (BrokenPipeError, "peer closed while we were sending"),
+    (ConnectionAbortedError, "connection aborted"),
+    (ConnectionRefusedError, "connection refused"),
+)
+
+
+def event(exc: BaseException) -> str | None:
+    """The event a socket error stands for, or None if it is not one we name."""
+    for kind, text in _EVENTS:
+        if isinstance(exc, kind):
+            return text
+    if isinstance(exc, ConnectionError) and not exc.strerror:
+        return str(exc) or "peer closed the connection"
+    return None
+
+
+def client_event(exc: OSError, started: bool) -> ClientGone:
+    """``exc`` met while reading the client's greeting, as the event it was."""
+    phase = "during the greeting" if started else "before the greeting"
+    if isinstance(exc, TimeoutError):
+        what = "client too slow to finish the greeting" if started else "client sent nothing"
+        return ClientGone(f"{what} (handshake_timeout)")
+    if isinstance(exc, ConnectionResetError):
+        return ClientGone(f"client reset {phase}")
+    if isinstance(exc, ConnectionError):
+        return ClientGone(f"client closed {phase}")
+    return ClientGone(f"client connection failed {phase}: {(exc.strerror or str(exc)).lower()}")
+
+
+@contextlib.contextmanager
+def greeting_phase(started: bool) -> Iterator[None]:
+    """Socket errors inside become ``ClientGone`` events (``started``: bytes have arrived)."""
+    try:
+        yield
+    except OSError as exc:
+        raise client_event(exc, started) from None
