@@ -6,13 +6,17 @@ from __future__ import annotations
 import sys
 
 from client.handler import LocalServer
-from utils.cli import parse_args, run
+from utils.cli import parse_args, run, within_fd_limit
 from utils.config import load_local_config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("local.py", __doc__ or "", "local_config.json", argv)
-    return run(args, lambda passphrase: LocalServer(load_local_config(args.config, passphrase)))
+
+    def build(passphrase: bytes | None) -> LocalServer:
+        return LocalServer(within_fd_limit(load_local_config(args.config, passphrase)))
+
+    return run(args, build)
 
 
 if __name__ == "__main__":

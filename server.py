@@ -8,7 +8,7 @@ import sys
 
 from server.handler import ExitServer
 from utils.base import ProxyServer
-from utils.cli import parse_args, run
+from utils.cli import parse_args, run, within_fd_limit
 from utils.config import load_server_config, reload_authorized_keys
 from utils.errors import ConfigError
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args("server.py", __doc__ or "", "server_config.json", argv)
     return run(
         args,
-        lambda passphrase: ExitServer(load_server_config(args.config, passphrase)),
+        lambda passphrase: ExitServer(within_fd_limit(load_server_config(args.config, passphrase))),
         reload_keys,
     )
 

@@ -10,6 +10,7 @@ import socket
 from utils.association import POLL_INTERVAL, Association
 from utils.channel import Channel
 from utils.config import ServerConfig
+from utils.platform_support import recv_datagram
 from utils.socks5 import Address
 from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
@@ -95,10 +96,10 @@ class ExitAssociation(Association):
 
     def _downlink(self) -> None:
         while not self.stopping:
-            try:
-                data, source = self._udp.recvfrom(MAX_DATAGRAM)
-            except TimeoutError:
+            received = recv_datagram(self._udp, MAX_DATAGRAM)  # None: timeout or ICMP reset
+            if received is None:
                 continue
+            data, source = received
             peer = plain_ip(source[0]), source[1]
             if peer not in self._peers or len(data) > MAX_ANSWER:
                 continue  # not an answer, or too big to frame with its address: dropped

@@ -26,6 +26,7 @@ from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import Channel, ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
+from utils.platform_support import exclusive_bind_option
 from utils.workers import WORKERS, Completion
 
 log = logging.getLogger("sockproxy")
@@ -274,6 +275,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         super().__init__(address, handler)
 
     def server_bind(self) -> None:
+        # POSIX SO_REUSEADDR only allows a restart over TIME_WAIT; on Windows it would let
+        # another program bind our port too, so SO_EXCLUSIVEADDRUSE replaces it there.
+        exclusive = exclusive_bind_option()
+        if exclusive is not None:
+            self.allow_reuse_address = False
+            self.socket.setsockopt(socket.SOL_SOCKET, exclusive, 1)
         if self.address_family == socket.AF_INET6:
             # "::" then takes IPv4 clients too (as ::ffff:a.b.c.d; the whitelist unmaps them).
             with contextlib.suppress(OSError):

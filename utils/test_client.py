@@ -30,6 +30,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from utils.errors import ProtocolError, SockproxyError  # noqa: E402
+from utils.platform_support import wait_readable  # noqa: E402
 from utils.socks5 import (  # noqa: E402
     CMD_CONNECT,
     METHOD_NO_ACCEPTABLE,
@@ -134,7 +135,7 @@ class _Conversation:
             result = parse(bytes(self.buf))
             if result is not None:
                 return result
-            chunk = self.sock.recv(65536)
+            chunk = self._recv()
             if not chunk:
                 raise ClientError(f"{self.step}: the proxy closed the connection")
             self.buf += chunk
@@ -142,8 +143,14 @@ class _Conversation:
     def consume(self, count: int) -> None:
         del self.buf[:count]
 
+    def _recv(self) -> bytes:
+        """One read, waited for in short selects: Ctrl-C stops a wait on Windows too."""
+        if not wait_readable(self.sock, self.sock.gettimeout(), None):
+            raise TimeoutError("timed out")
+        return self.sock.recv(65536)
+
     def read_to_eof(self) -> bytes:
-        while chunk := self.sock.recv(65536):
+        while chunk := self._recv():
             self.buf += chunk
         data = bytes(self.buf)
         self.buf.clear()
