@@ -16,6 +16,7 @@ Exit status 0 on success; 1 with one line on stderr otherwise.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import socket
 import sys
@@ -82,6 +83,14 @@ def reply_text(reply: Reply) -> str:
     return reply.name.lower().replace("_", " ")
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_url(url: str) -> Target:
     """Split an http:// URL into the SOCKS5 destination, Host header and request target."""
     try:
@@ -94,6 +103,8 @@ def parse_url(url: str) -> Target:
         raise ClientError(f"unsupported URL scheme {scheme!r}: only http:// URLs can be fetched")
     if not parts.hostname:
         raise ClientError(f"bad URL {url!r}: no host")
+    if "[" in parts.netloc and not _is_ipv6(parts.hostname):  # Python < 3.11.4 lets [zz] by
+        raise ClientError(f"bad URL {url!r}: brackets must hold an IPv6 address")
     port = 80 if port is None else port
     try:
         address = Address(parts.hostname, port)

@@ -1,0 +1,191 @@
+"""What ``python3 scripts/start.py`` does, on Linux, macOS and Windows alike.
+
+1. make ``.venv`` (unless ``--no-venv``: then the running interpreter is used) and install
+   requirements.txt into it;
+2. generate ``keys/`` with utils/genkey.py if a private key of the shipped configs is missing;
+3. start server.py and local.py with server_config.json and local_config.json;
+4. once both accept connections, print what to try; on Ctrl-C stop both and exit 0; if one
+   of them stops by itself, stop the other and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CONFIG = "server_config.json"
+LOCAL_CONFIG = "local_config.json"
+LISTEN_WAIT = 60.0  # seconds both programs get to start listening
+STOP_WAIT = 10.0  # seconds each gets to exit after SIGINT before it is killed
+
+
+class Stop(Exception):
+    """Ctrl-C, SIGTERM or Ctrl-Break reached the launcher."""
+
+
+def venv_python(venv: Path) -> Path | None:
+    """The interpreter of ``venv`` (``bin/python`` on POSIX, ``Scripts/python.exe`` on Windows)."""
+    for candidate in (venv / "bin" / "python", venv / "Scripts" / "python.exe"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def prepare_python(use_venv: bool) -> str:
+    """The interpreter to run the programs with, with requirements.txt installed."""
+    if not use_venv:
+        return sys.executable
+    venv = ROOT / ".venv"
+    python = venv_python(venv)
+    if python is None:
+        print(f"creating {venv}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        python = venv_python(venv)
+        if python is None:
+            raise SystemExit(f"start.py: {venv} has no python after python -m venv")
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
+    return str(python)
+
+
+def config_value(name: str, field: str) -> object:
+    return json.loads((ROOT / name).read_text(encoding="utf-8-sig"))[field]
+
+
+def tighten_config_modes() -> None:
+    """Take group/other write from the shipped configs (a clone under umask 002 has it):
+    the programs refuse a config that others could change (StrictModes)."""
+    if not hasattr(os, "geteuid"):  # Windows: ACLs, not mode bits
+        return
+    for name in (SERVER_CONFIG, LOCAL_CONFIG):
+        path = ROOT / name
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o022:
+            path.chmod(mode & ~0o022)
+            print(f"start.py: chmod go-w {name} (it was mode {mode:04o})", file=sys.stderr)
+
+
+def make_missing_keys(python: str) -> None:
+    """Run utils/genkey.py when a private key named by the shipped configs is missing."""
+    keys = [
+        ROOT / str(config_value(SERVER_CONFIG, "server_private_key")),
+        ROOT / str(config_value(LOCAL_CONFIG, "local_private_key")),
+    ]
+    if all(path.exists() for path in keys):
+        return
+    folder = keys[0].parent
+    subprocess.run([python, str(ROOT / "utils" / "genkey.py"), "--dir", str(folder)], check=True)
+
+
+def start(python: str, program: str, config: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([python, str(ROOT / program), "--config", str(ROOT / config)], cwd=ROOT)
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_listening(programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]) -> bool:
+    """True once every program accepts on its port; False if one exits or time runs out."""
+    deadline = time.monotonic() + LISTEN_WAIT
+    waiting = dict(ports)
+    while waiting and time.monotonic() < deadline:
+        if any(process.poll() is not None for process in programs.values()):
+            return False
+        for name, port in list(waiting.items()):
+            if listening(port):
+                del waiting[name]
+        if waiting:
+            time.sleep(0.2)
+    return not waiting
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGINT (the programs exit 0 on it) where it can be sent, else terminate; then wait."""
+    if process.poll() is None:
+        if hasattr(signal, "CTRL_C_EVENT"):  # Windows: Ctrl-C already reached the console group
+            process.terminate()
+        else:
+            process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
+    raise Stop
+
+
+def supervise(programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]) -> int:
+    if not wait_listening(programs, ports):
+        print("start.py: a program did not start (see its message above)", file=sys.stderr)
+        return 1
+    port = ports["local"]
+    print(
+        f"SOCKS5 and HTTP CONNECT proxy on 127.0.0.1:{port} - try: "
+        f"curl --socks5-hostname 127.0.0.1:{port} http://example.com/   (Ctrl-C stops both)",
+        file=sys.stderr,
+        flush=True,
+    )
+    while True:
+        for name, process in programs.items():
+            if process.poll() is not None:
+                print(f"start.py: {name} exited with {process.returncode}", file=sys.stderr)
+                return 1
+        time.sleep(0.5)
+
+
+def run(use_venv: bool) -> int:
+    python = prepare_python(use_venv)
+    tighten_config_modes()
+    make_missing_keys(python)
+    ports = {
+        "server": int(str(config_value(SERVER_CONFIG, "server_port"))),
+        "local": int(str(config_value(LOCAL_CONFIG, "local_port"))),
+    }
+    programs: dict[str, subprocess.Popen[bytes]] = {}
+    code = 0
+    try:
+        programs["server"] = start(python, "server.py", SERVER_CONFIG)
+        programs["local"] = start(python, "local.py", LOCAL_CONFIG)
+        code = supervise(programs, ports)
+    except (Stop, KeyboardInterrupt):
+        code = 0
+    finally:
+        for process in programs.values():
+            if stop(process) not in (0, None) and code == 0:
+                code = 1
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="start.py", description=(__doc__ or "").split("\n")[0])
+    parser.add_argument(
+        "--no-venv", action="store_true", help="use this interpreter as it is (no .venv, no pip)"
+    )
+    args = parser.parse_args(argv)
+    for name in ("SIGTERM", "SIGBREAK"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, _raise_stop)
+    try:
+        return run(use_venv=not args.no_venv)
+    except subprocess.CalledProcessError as exc:
+        print(f"start.py: {' '.join(map(str, exc.cmd))} failed ({exc.returncode})", file=sys.stderr)
+        return 1
