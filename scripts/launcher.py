@@ -62,6 +62,10 @@ def config_value(name: str, field: str) -> object:
     return json.loads((ROOT / name).read_text(encoding="utf-8-sig"))[field]
 
 
+def endpoint(name: str, address_field: str, port_field: str) -> tuple[str, int]:
+    return str(config_value(name, address_field)), int(str(config_value(name, port_field)))
+
+
 def tighten_config_modes() -> None:
     """Take group/other write from the shipped configs (a clone under umask 002 has it):
     the programs refuse a config that others could change (StrictModes)."""
@@ -91,23 +95,32 @@ def start(python: str, program: str, config: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([python, str(ROOT / program), "--config", str(ROOT / config)], cwd=ROOT)
 
 
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+def port_in_use(address: str, port: int) -> bool:
+    """Whether something is bound to ``address:port``: probed by binding, not connecting, so
+    the programs log no half-open connection. SO_REUSEADDR lets the probe past TIME_WAIT
+    leftovers (POSIX) but never past a listener; Windows, where it would, does without."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        if not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
             return True
-    except OSError:
-        return False
+    return False
 
 
-def wait_listening(programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]) -> bool:
-    """True once every program accepts on its port; False if one exits or time runs out."""
+def wait_listening(
+    programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, tuple[str, int]]
+) -> bool:
+    """True once every program holds its port; False if one exits or time runs out."""
     deadline = time.monotonic() + LISTEN_WAIT
     waiting = dict(ports)
     while waiting and time.monotonic() < deadline:
         if any(process.poll() is not None for process in programs.values()):
             return False
-        for name, port in list(waiting.items()):
-            if listening(port):
+        for name, (address, port) in list(waiting.items()):
+            if port_in_use(address, port):
                 del waiting[name]
         if waiting:
             time.sleep(0.2)
@@ -132,14 +145,20 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
     raise Stop
 
 
-def supervise(programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]) -> int:
+def supervise(
+    programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, tuple[str, int]]
+) -> int:
     if not wait_listening(programs, ports):
+        for name, process in programs.items():
+            if process.poll() is not None:
+                print(f"start.py: {name} exited with {process.returncode}", file=sys.stderr)
         print("start.py: a program did not start (see its message above)", file=sys.stderr)
         return 1
-    port = ports["local"]
+    address, port = ports["local"]
+    proxy = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     print(
-        f"SOCKS5 and HTTP CONNECT proxy on 127.0.0.1:{port} - try: "
-        f"curl --socks5-hostname 127.0.0.1:{port} http://example.com/   (Ctrl-C stops both)",
+        f"SOCKS5 and HTTP CONNECT proxy on {proxy} - try: "
+        f"curl --socks5-hostname {proxy} http://example.com/   (Ctrl-C stops both)",
         file=sys.stderr,
         flush=True,
     )
@@ -152,13 +171,20 @@ def supervise(programs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int
 
 
 def run(use_venv: bool) -> int:
+    ports = {
+        "server": endpoint(SERVER_CONFIG, "server_address", "server_port"),
+        "local": endpoint(LOCAL_CONFIG, "local_address", "local_port"),
+    }
+    for name, (address, port) in ports.items():
+        if port_in_use(address, port):
+            print(
+                f"start.py: {name} port {port} is in use (sockproxy already running?)",
+                file=sys.stderr,
+            )
+            return 1
     python = prepare_python(use_venv)
     tighten_config_modes()
     make_missing_keys(python)
-    ports = {
-        "server": int(str(config_value(SERVER_CONFIG, "server_port"))),
-        "local": int(str(config_value(LOCAL_CONFIG, "local_port"))),
-    }
     programs: dict[str, subprocess.Popen[bytes]] = {}
     code = 0
     try:

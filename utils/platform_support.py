@@ -22,6 +22,7 @@ __all__ = [
     "O_BINARY",
     "O_NONBLOCK",
     "connections_for_fd_limit",
+    "effective_uid",
     "exclusive_bind_option",
     "has_posix_permissions",
     "open_file_limit",
@@ -62,12 +63,18 @@ _WAKE_INTERVAL = 0.2
 # --- files -----------------------------------------------------------------------------------
 
 
-def has_posix_permissions() -> bool:
-    """Whether owners and mode bits decide who may change a file (not on Windows: ACLs do).
+def effective_uid() -> int | None:
+    """Our user id where owners and mode bits decide who may change a file; None on Windows.
 
-    ``os.geteuid`` is the witness: the StrictModes owner check needs it, and Windows lacks it.
+    ``os.geteuid`` is the witness: Windows lacks it, and there ACLs, not mode bits, decide.
     """
-    return hasattr(os, "geteuid")
+    geteuid: Callable[[], int] | None = getattr(os, "geteuid", None)
+    return None if geteuid is None else geteuid()
+
+
+def has_posix_permissions() -> bool:
+    """Whether owners and mode bits decide who may change a file (not on Windows: ACLs do)."""
+    return effective_uid() is not None
 
 
 def set_file_mode(fd: int, path: str | os.PathLike[str], mode: int) -> None:

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 
 from utils.errors import ConfigError
-from utils.platform_support import O_BINARY, O_NONBLOCK, has_posix_permissions
+from utils.platform_support import O_BINARY, O_NONBLOCK, effective_uid, has_posix_permissions
 
 __all__ = ["check_folders", "check_owner_and_mode", "read_trusted_file"]
 
@@ -64,7 +64,8 @@ def read_trusted_file(path: Path, what: str, max_size: int, *, secret: bool = Fa
 
 def check_owner_and_mode(path: Path, info: os.stat_result, what: str, *, secret: bool) -> None:
     """Refuse a file others may read (``secret``) or write, or that another user owns."""
-    if not has_posix_permissions():
+    uid = effective_uid()
+    if uid is None:
         _note_unchecked(str(path), what)
         return
     mode = stat.S_IMODE(info.st_mode)
@@ -76,7 +77,6 @@ def check_owner_and_mode(path: Path, info: os.stat_result, what: str, *, secret:
         raise ConfigError(
             f"{path}: {what} is writable by group/others (mode {mode:04o}); run chmod go-w {path}"
         )
-    uid = os.geteuid()
     if info.st_uid not in (uid, 0):
         raise ConfigError(
             f"{path}: {what} is owned by another user (uid {info.st_uid}); run chown {uid} {path}"
