@@ -91,8 +91,15 @@ def make_missing_keys(python: str) -> None:
     subprocess.run([python, str(ROOT / "utils" / "genkey.py"), "--dir", str(folder)], check=True)
 
 
+#: Windows: each program in its own process group, so that stop() can send it Ctrl-Break
+#: (CTRL_BREAK_EVENT reaches a whole group; the programs stop on SIGBREAK with exit 0).
+_NEW_GROUP: int = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+_CTRL_BREAK: int | None = getattr(signal, "CTRL_BREAK_EVENT", None)
+
+
 def start(python: str, program: str, config: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([python, str(ROOT / program), "--config", str(ROOT / config)], cwd=ROOT)
+    command = [python, str(ROOT / program), "--config", str(ROOT / config)]
+    return subprocess.Popen(command, cwd=ROOT, creationflags=_NEW_GROUP)
 
 
 def port_in_use(address: str, port: int) -> bool:
@@ -128,12 +135,9 @@ def wait_listening(
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:
-    """SIGINT (the programs exit 0 on it) where it can be sent, else terminate; then wait."""
+    """SIGINT, or Ctrl-Break on Windows (the programs exit 0 on either); then wait."""
     if process.poll() is None:
-        if hasattr(signal, "CTRL_C_EVENT"):  # Windows: Ctrl-C already reached the console group
-            process.terminate()
-        else:
-            process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT if _CTRL_BREAK is None else _CTRL_BREAK)
     try:
         return process.wait(STOP_WAIT)
     except subprocess.TimeoutExpired:

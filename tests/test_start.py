@@ -167,3 +167,30 @@ def test_start_py_refuses_an_old_python_in_one_line(version: str) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"sockproxy needs Python 3.10 or newer, this is Python {version}.")
     assert "python.org" in lines[0]
+
+
+class _FakeProcess:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def poll(self) -> int | None:
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        self.sent.append(signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(("ctrl_break", "expected"), [(None, signal.SIGINT), (1, 1)])
+def test_stop_sends_sigint_or_ctrl_break(
+    monkeypatch: pytest.MonkeyPatch, ctrl_break: int | None, expected: int
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import launcher  # noqa: PLC0415  (scripts/ is not a package)
+
+    monkeypatch.setattr(launcher, "_CTRL_BREAK", ctrl_break)
+    process = _FakeProcess()
+    assert launcher.stop(process) == 0  # type: ignore[arg-type]
+    assert process.sent == [expected]
