@@ -210,12 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-venv", action="store_true", help="use this interpreter as it is (no .venv, no pip)"
     )
     args = parser.parse_args(argv)
-    for name in ("SIGTERM", "SIGBREAK"):
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         number = getattr(signal, name, None)
         if number is not None:
             signal.signal(number, _raise_stop)
     try:
         return run(use_venv=not args.no_venv)
+    except (Stop, KeyboardInterrupt):  # before the programs started: nothing to stop
+        print("start.py: stopped", file=sys.stderr)
+        return 1
     except subprocess.CalledProcessError as exc:
         print(f"start.py: {' '.join(map(str, exc.cmd))} failed ({exc.returncode})", file=sys.stderr)
         return 1
