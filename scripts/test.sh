@@ -10,9 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-PORTABLE_TESTS=(  # numpy cells, crypto keys, urlsplit, platform branches, the real programs
-    tests/test_cells.py tests/test_keys.py tests/test_platform_support.py
-    tests/test_test_client.py tests/test_start.py tests/test_cli.py
+PORTABLE_TESTS=(  # numpy cells, urlsplit, platform branches, signals, genkey + the real programs
+    tests/test_cells.py tests/test_platform_support.py tests/test_test_client.py
+    tests/test_start.py tests/test_cli.py
 )
 if ! command -v curl >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
