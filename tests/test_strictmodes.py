@@ -213,3 +213,30 @@ def test_no_mode_checks_without_posix_permissions(
         f"{key}: public key permissions not checked: this platform uses ACLs, not mode bits; "
         "make sure only you can change it"
     ]
+
+
+def test_symlink_is_judged_by_the_folder_it_points_into(keys: Keys, tmp_path: Path) -> None:
+    folder = _world_writable_folder(tmp_path)
+    target = _copy(keys, "local_public", folder, 0o644)
+    link = tmp_path / "safe" / "key.pem"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as info:
+        load_public_key(link)
+    assert str(info.value) == (
+        f"{link}: public key is in a folder writable by others ({folder}, mode 0777); "
+        f"run chmod o-w {folder}"
+    )
+
+
+def test_size_limit_and_fifo(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * 101)
+    with pytest.raises(ConfigError) as info:
+        strictmodes.read_trusted_file(big, "config file", 100)
+    assert str(info.value) == f"{big}: too large for a config file (at most 100 bytes)"
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError) as info:
+        strictmodes.read_trusted_file(fifo, "config file", 100)  # O_NONBLOCK: no hang
+    assert str(info.value) == f"{fifo}: not a regular file"

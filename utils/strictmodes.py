@@ -58,7 +58,7 @@ def read_trusted_file(path: Path, what: str, max_size: int, *, secret: bool = Fa
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if len(data) > max_size:
-        raise ConfigError(f"{path}: too large for a {what} file")
+        raise ConfigError(f"{path}: too large for a {what} (at most {max_size} bytes)")
     return data
 
 
