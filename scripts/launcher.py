@@ -205,7 +205,11 @@ def run(use_venv: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="start.py", description=(__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="start.py",
+        description="Install into .venv, make missing keys, start server.py and local.py with "
+        "the shipped configs; Ctrl-C stops both.",
+    )
     parser.add_argument(
         "--no-venv", action="store_true", help="use this interpreter as it is (no .venv, no pip)"
     )
