@@ -1,9 +1,9 @@
 """scripts/start.py end to end, and a Windows-like smoke test (issue 10).
 
 The smoke test runs start.py in a copy of the programs with a sitecustomize.py that deletes
-what Windows' CPython lacks (os.O_NONBLOCK, os.fchmod, signal.SIGHUP/SIGUSR1/SIGUSR2), so the
-real genkey.py, server.py and local.py start without them; a page is fetched through them and
-SIGINT stops everything with exit code 0.
+what Windows' CPython lacks (os.O_NONBLOCK, os.fchmod, os.geteuid, signal.SIGHUP, SIGUSR1 and
+SIGUSR2), so the real genkey.py, server.py and local.py start without them; a page is fetched
+through them and SIGINT stops everything with exit code 0.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.conftest import REPO, Keys, _start_http, _stop_http, free_port, run_c
 
 WINDOWS_LACKS = """\
 import os, signal
-for name in ("O_NONBLOCK", "fchmod"):
+for name in ("O_NONBLOCK", "fchmod", "geteuid"):
     if hasattr(os, name):
         delattr(os, name)
 for name in ("SIGHUP", "SIGUSR1", "SIGUSR2"):
@@ -102,6 +102,7 @@ def test_start_py_without_posix_only_features(tmp_path: Path, page_url: str) -> 
     assert text.count("SIGINT: shutting down") == 2, text  # server and local, each exit 0
     assert "Traceback" not in text
     assert "WARNING" not in text  # the readiness probe binds, it does not connect
+    assert "permissions not checked: this platform uses ACLs" in text  # no geteuid: no modes
     for name in ("local", "server"):  # genkey ran without fchmod: modes set by chmod
         assert (root / "keys" / f"{name}_private.pem").stat().st_mode & 0o777 == 0o600
 
