@@ -7,7 +7,7 @@ import sys
 
 try:
     from client.handler import LocalServer
-    from utils.cli import parse_args, run
+    from utils.cli import parse_args, run, within_fd_limit
     from utils.config import load_local_config
     from utils.configcheck import check, local_summary
     from utils.listening import open_server
@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args("local.py", __doc__ or "", "local_config.json", argv)
     if args.check:
         return check(args, lambda phrase: local_summary(load_local_config(args.config, phrase)))
-    return run(
-        args, lambda phrase: open_server(load_local_config(args.config, phrase), LocalServer)
-    )
+
+    def build(passphrase: bytes | None) -> LocalServer:
+        return open_server(within_fd_limit(load_local_config(args.config, passphrase)), LocalServer)
+
+    return run(args, build)
 
 
 if __name__ == "__main__":

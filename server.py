@@ -10,7 +10,7 @@ try:
     from server.destinations import warn_if_exposed
     from server.handler import ExitServer
     from utils.base import ProxyServer
-    from utils.cli import parse_args, run
+    from utils.cli import parse_args, run, within_fd_limit
     from utils.config import ServerConfig, load_server_config, reload_authorized_keys
     from utils.configcheck import check, server_summary
     from utils.errors import ConfigError
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return check(args, lambda phrase: server_summary(load_server_config(args.config, phrase)))
     return run(
         args,
-        lambda phrase: start_server(load_server_config(args.config, phrase)),
+        lambda phrase: start_server(within_fd_limit(load_server_config(args.config, phrase))),
         reload_keys,
     )
 

@@ -408,7 +408,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         check=False,
     )
     return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git": git.stdout.strip() or "?",
         "nproc": os.cpu_count(),
         "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()),

@@ -8,6 +8,7 @@ import socket
 
 from utils.association import POLL_INTERVAL, Association
 from utils.errors import Socks5Error
+from utils.platform_support import recv_datagram
 from utils.session import Stream
 from utils.socks5 import Address
 from utils.udp import (
@@ -63,10 +64,10 @@ class LocalAssociation(Association):
 
     def _uplink(self) -> None:
         while not self.stopping:
-            try:
-                data, source = self._udp.recvfrom(MAX_DATAGRAM)
-            except TimeoutError:
+            received = recv_datagram(self._udp, MAX_DATAGRAM)  # None: timeout or ICMP reset
+            if received is None:
                 continue
+            data, source = received
             if not self._is_client(source):
                 log.debug("dropped a datagram from %s: not the client", source[0])
                 continue

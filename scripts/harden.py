@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_attacks:
         rows.append(attacks_row())
     elapsed = time.monotonic() - started
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"sockproxy hardening run, {stamp}: python3 scripts/harden.py {' '.join(sys.argv[1:])}")
     print()
     print_table(rows)

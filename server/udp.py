@@ -8,6 +8,7 @@ import socket
 
 from server.destinations import Destinations
 from utils.association import POLL_INTERVAL, Association
+from utils.platform_support import recv_datagram
 from utils.replyfilter import ReplyFilter
 from utils.session import Stream
 from utils.socks5 import Address, Reply
@@ -93,10 +94,10 @@ class ExitAssociation(Association):
 
     def _downlink(self) -> None:
         while not self.stopping:
-            try:
-                data, source = self._udp.recvfrom(MAX_DATAGRAM)
-            except TimeoutError:
+            received = recv_datagram(self._udp, MAX_DATAGRAM)  # None: timeout or ICMP reset
+            if received is None:
                 continue
+            data, source = received
             peer = plain_ip(source[0]), source[1]
             if not self._peers.admits(peer) or len(data) > MAX_ANSWER:
                 continue  # not an answer, or too big to frame with its address: dropped

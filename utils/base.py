@@ -28,6 +28,7 @@ from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
 from utils.events import event
+from utils.platform_support import exclusive_bind_option
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
 from utils.workers import WORKERS, Completion
@@ -319,6 +320,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         super().__init__(address, handler)
 
     def server_bind(self) -> None:
+        # POSIX SO_REUSEADDR only allows a restart over TIME_WAIT; on Windows it would let
+        # another program bind our port too, so SO_EXCLUSIVEADDRUSE replaces it there.
+        exclusive = exclusive_bind_option()
+        if exclusive is not None:
+            self.allow_reuse_address = False
+            self.socket.setsockopt(socket.SOL_SOCKET, exclusive, 1)
         if self.address_family == socket.AF_INET6:
             # "::" then takes IPv4 clients too (as ::ffff:a.b.c.d; the whitelist unmaps them).
             with contextlib.suppress(OSError):

@@ -108,9 +108,10 @@ def _windows(buffer: bytes | bytearray | memoryview) -> np.ndarray:
 
     Row ``64 * cell + offset`` is that cell's payload, so one fancy index moves all of them.
     """
-    return np.ndarray(
+    view: np.ndarray = np.ndarray(  # annotated: numpy's stubs give Any under Python 3.10
         (len(buffer) - MAX_CELL_PAYLOAD + 1, MAX_CELL_PAYLOAD), np.uint8, buffer, 0, (1, 1)
     )
+    return view
 
 
 def unpack_cells(cells: bytes | bytearray | memoryview) -> bytes:

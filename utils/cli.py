@@ -1,12 +1,13 @@
 """What server.py and local.py share as programs: arguments, logging, signals, exit codes.
 
-Exit codes: 0 after SIGINT/SIGTERM, 2 for a config error (one line, no traceback),
-1 when the listening socket cannot be opened.
+Exit codes: 0 after SIGINT/SIGTERM (and SIGBREAK, Ctrl-Break on Windows), 2 for a config
+error (one line, no traceback), 1 when the listening socket cannot be opened.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import logging
 import os
@@ -17,10 +18,21 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from utils.base import THREAD_STACK_SIZE, ProxyServer, format_peer
+from utils.config import LocalConfig, ServerConfig
 from utils.errors import ConfigError
 from utils.listening import listen_failure
+from utils.platform_support import (
+    FD_RESERVE,
+    FDS_PER_CONNECTION,
+    connections_for_fd_limit,
+    open_file_limit,
+    optional_signal,
+    raise_open_file_limit,
+    stop_signals,
+)
 
 VERSION = "1.0.0"
 EXIT_CONFIG = 2
@@ -82,6 +94,27 @@ def read_passphrase(args: argparse.Namespace) -> bytes | None:
     return None
 
 
+ConfigT = TypeVar("ConfigT", LocalConfig, ServerConfig)
+
+
+def within_fd_limit(config: ConfigT) -> ConfigT:
+    """``config`` with ``max_connections`` lowered (and logged) to what open files allow."""
+    limit = open_file_limit()
+    allowed = connections_for_fd_limit(config.max_connections, limit)
+    if allowed == config.max_connections:
+        return config
+    log.warning(
+        "max_connections lowered from %d to %d: the open-file limit is %s "
+        "(%d per connection plus %d); raise it with ulimit -n",
+        config.max_connections,
+        allowed,
+        limit,
+        FDS_PER_CONNECTION,
+        FD_RESERVE,
+    )
+    return dataclasses.replace(config, max_connections=allowed)
+
+
 def run(
     args: argparse.Namespace,
     build: Callable[[bytes | None], ProxyServer],
@@ -90,6 +123,7 @@ def run(
     """Load the config, listen, serve until SIGINT/SIGTERM; map failures to exit codes."""
     setup_logging(args.log_level)
     threading.stack_size(THREAD_STACK_SIZE)
+    raise_open_file_limit()  # before the config: within_fd_limit reads the raised limit
     try:
         server = build(read_passphrase(args))
     except ConfigError as exc:
@@ -106,27 +140,35 @@ def _log_summary(server: ProxyServer) -> None:
         log.info("%s", line)
 
 
+#: How long the main thread waits for a signal at a time: a wait without a timeout is not
+#: interrupted by Ctrl-C on Windows (Python 3.11-3.13), so the handler would never run.
+SIGNAL_POLL = 0.25
+
+
 def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) -> int:
-    """Serve until SIGINT/SIGTERM (and SIGHUP on the local, which has nothing to reload).
+    """Serve until SIGINT/SIGTERM/SIGBREAK (and SIGHUP on the local, which has nothing to reload).
 
     Signal handlers only queue what to do; the main thread does it, so a second signal can
-    never interrupt a reload or a summary that holds a lock.
+    never interrupt a reload or a summary that holds a lock. Signals the platform lacks
+    (SIGHUP and SIGUSR1 on Windows) are simply not handled.
     """
     requests: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def queue_signal(signum: int, _frame: FrameType | None) -> None:
         requests.put(signum)
 
-    for handled in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(handled, queue_signal)
+    summary, reload = optional_signal("SIGUSR1"), optional_signal("SIGHUP")
+    for handled in (*stop_signals(), summary, reload):
+        if handled is not None:
+            signal.signal(handled, queue_signal)
     loop = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     loop.start()
     log.info("listening on %s", format_peer(server.server_address))
     while True:
-        signum = requests.get()
-        if signum == signal.SIGUSR1:
+        signum = _next_signal(requests)
+        if signum == summary:
             _log_summary(server)
-        elif signum == signal.SIGHUP and on_reload is not None:
+        elif signum == reload and on_reload is not None:
             on_reload(server)
         else:
             log.info("%s: shutting down", signal.Signals(signum).name)
@@ -135,3 +177,12 @@ def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) 
     server.server_close()
     server.abort_all("shutting down")
     return 0
+
+
+def _next_signal(requests: queue.SimpleQueue[int]) -> int:
+    """The next queued signal, waiting in short slices so that Ctrl-C is seen everywhere."""
+    while True:
+        try:
+            return requests.get(timeout=SIGNAL_POLL)
+        except queue.Empty:
+            continue

@@ -33,6 +33,7 @@ from utils.keys import (
     load_public_key,
     load_server_public_key,
 )
+from utils.strictmodes import read_trusted_file
 
 __all__ = [
     "AuthorizedKey",
@@ -295,15 +296,12 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
+#: Largest config file we read; real ones are a few hundred bytes.
+_MAX_CONFIG = 1 << 20
+
+
 def _read_json(path: Path) -> object:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    raw = read_trusted_file(path, "config file", _MAX_CONFIG)  # StrictModes, like the keys
     try:
         return json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:

@@ -10,12 +10,13 @@ import base64
 import hashlib
 import os
 import re
-import stat
 import tempfile
 from pathlib import Path
 
 from utils.crypto import KeyImportError, RsaKey, generate_rsa, import_rsa, x25519_public
 from utils.errors import ConfigError
+from utils.platform_support import O_BINARY, set_file_mode
+from utils.strictmodes import read_trusted_file
 
 __all__ = [
     "MIN_BITS",
@@ -46,41 +47,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_FILE = 1 << 20
 
 
-def _check_open_file(path: Path, info: os.stat_result, private: bool) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if private and os.name == "posix" and mode & 0o077:
-        raise ConfigError(
-            f"{path}: private key is readable by group/others (mode {mode:04o}); "
-            f"run chmod 600 {path}"
-        )
-
-
 def _read_key_file(path: Path, private: bool) -> bytes:
-    """The bytes of a key file; a private one must not be open to group or others."""
-    try:
-        # O_NONBLOCK: a FIFO planted at the path must not hang us; fstat then refuses it
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        _check_open_file(path, os.fstat(fd), private)  # the file we read, not what path is now
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as file:
-        try:
-            data = file.read(_MAX_FILE + 1)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(data) > _MAX_FILE:
-        raise ConfigError(f"{path}: too large for a key file")
-    return data
+    """A key file that passes StrictModes (a private one: readable by its owner only)."""
+    what = "private key" if private else "public key"
+    return read_trusted_file(path, what, _MAX_FILE, secret=private)
 
 
 def _import(path: Path, data: bytes, passphrase: bytes | None) -> RsaKey:
@@ -210,10 +180,10 @@ def pair_paths(directory: Path, name: str) -> tuple[Path, Path]:
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` with ``mode``; fail if anything is already there (even a symlink)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, mode)
     try:
-        os.fchmod(fd, mode)  # the umask may have taken bits away; never adds any
+        set_file_mode(fd, path, mode)  # the umask may have taken bits away; never adds any
         os.write(fd, data)
         os.fsync(fd)
     except BaseException:
@@ -227,7 +197,7 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
     """Write a temp file in the same folder with ``mode`` from the start, then rename it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
+        set_file_mode(fd, tmp, mode)
         os.write(fd, data)
         os.fsync(fd)
         os.close(fd)

@@ -16,6 +16,7 @@ Exit status 0 on success; 1 with one line on stderr otherwise.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import socket
 import sys
@@ -30,6 +31,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from utils.errors import ProtocolError, SockproxyError  # noqa: E402
+from utils.platform_support import wait_readable  # noqa: E402
 from utils.socks5 import (  # noqa: E402
     CMD_CONNECT,
     METHOD_NO_ACCEPTABLE,
@@ -81,6 +83,14 @@ def reply_text(reply: Reply) -> str:
     return reply.name.lower().replace("_", " ")
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_url(url: str) -> Target:
     """Split an http:// URL into the SOCKS5 destination, Host header and request target."""
     try:
@@ -93,6 +103,8 @@ def parse_url(url: str) -> Target:
         raise ClientError(f"unsupported URL scheme {scheme!r}: only http:// URLs can be fetched")
     if not parts.hostname:
         raise ClientError(f"bad URL {url!r}: no host")
+    if "[" in parts.netloc and not _is_ipv6(parts.hostname):  # Python < 3.11.4 lets [zz] by
+        raise ClientError(f"bad URL {url!r}: brackets must hold an IPv6 address")
     port = 80 if port is None else port
     try:
         address = Address(parts.hostname, port)
@@ -134,7 +146,7 @@ class _Conversation:
             result = parse(bytes(self.buf))
             if result is not None:
                 return result
-            chunk = self.sock.recv(65536)
+            chunk = self._recv()
             if not chunk:
                 raise ClientError(f"{self.step}: the proxy closed the connection")
             self.buf += chunk
@@ -142,8 +154,14 @@ class _Conversation:
     def consume(self, count: int) -> None:
         del self.buf[:count]
 
+    def _recv(self) -> bytes:
+        """One read, waited for in short selects: Ctrl-C stops a wait on Windows too."""
+        if not wait_readable(self.sock, self.sock.gettimeout(), None):
+            raise TimeoutError("timed out")
+        return self.sock.recv(65536)
+
     def read_to_eof(self) -> bytes:
-        while chunk := self.sock.recv(65536):
+        while chunk := self._recv():
             self.buf += chunk
         data = bytes(self.buf)
         self.buf.clear()
