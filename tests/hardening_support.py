@@ -395,6 +395,7 @@ class Link:
     upstream_port: int = 0  # our port towards the server: names this link in the server log
     cut: bool = False  # the relay truncated this connection
     ended: dict[str, bool] = field(default_factory=lambda: {L2S: False, S2L: False})  # FIN seen
+    finished_at: float = 0.0  # time.monotonic() when both directions had ended
 
     def sent(self, direction: str) -> bytes:
         return b"".join(data for _, data in self.chunks[direction])
@@ -481,6 +482,7 @@ class Relay:
             pump.join()
         link.local_side.close()
         link.server_side.close()
+        link.finished_at = time.monotonic()
         link.finished.set()
 
     def _pump(self, link: Link, source: socket.socket, sink: socket.socket, direction: str) -> None:
