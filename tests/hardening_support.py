@@ -42,7 +42,15 @@ from utils.crypto import TAG_SIZE, Ephemeral, RsaKey, static_x25519
 from utils.errors import SockproxyError
 from utils.keys import fingerprint_bytes, load_private_key, load_server_public_key
 from utils.mux import HEADER_SIZE as FRAME_HEADER_SIZE
-from utils.socks5 import CMD_CONNECT, Address, Request, build_request, parse_reply
+from utils.mux import open_frame
+from utils.socks5 import (
+    CMD_CONNECT,
+    Address,
+    Request,
+    build_request,
+    encode_tunnel_request,
+    parse_reply,
+)
 
 L2S = "l2s"  # local -> server
 S2L = "s2l"  # server -> local
@@ -780,6 +788,61 @@ def probe(port: int, name: str, data: bytes, half_close: bool, timeout: float) -
     result.seconds = time.monotonic() - started
     result.bytes_back = len(answer)
     return result
+
+
+def _tls_client_hello() -> bytes:
+    """A TLS 1.2 record header and a ClientHello-shaped body (random inside)."""
+    body = b"\x01\x00\x01\xfc\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32)
+    body += b"\x00\x02\x13\x01\x01\x00" + os.urandom(508 - len(body))
+    return b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body
+
+
+def _flip(data: bytes, position: int) -> bytes:
+    changed = bytearray(data)
+    changed[position] ^= 0x04
+    return bytes(changed)
+
+
+def stranger_probes(keys_dir: Path, destination_port: int, genuine: bytes) -> dict[str, bytes]:
+    """What a stranger (or a recorder) may send the server's port; ``genuine`` is a
+    ClientInit the server has already accepted (its replay)."""
+    local = load_private_key(keys_dir / "local_private.pem")
+    other = load_private_key(keys_dir / "other_private.pem")
+    server = server_public(keys_dir / "server_public.pem")
+    elsewhere = hs.ServerPublic(other.public_key(), static_x25519(other).share)
+    request = Request(CMD_CONNECT, Address("127.0.0.1", destination_port))
+    early = open_frame(1, encode_tunnel_request(request))
+    valid = client_init(local, server, early)
+    return {
+        "empty": b"",
+        "random 1 B": os.urandom(1),
+        "random 89 B": os.urandom(89),
+        "random 90 B": os.urandom(90),
+        "random 500 B": os.urandom(500),
+        "random 5000 B": os.urandom(5000),
+        "HTTP GET": b"GET / HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/8\r\n\r\n",
+        "TLS ClientHello": _tls_client_hello(),
+        "SOCKS5 greeting": b"\x05\x01\x00",
+        "ClientInit truncated": valid[: len(valid) // 2],
+        "ClientInit, header bit flipped": _flip(valid, hs.INIT_PREFIX_SIZE + 3),
+        "ClientInit, body bit flipped": _flip(valid, hs.INIT_HEAD_SIZE + 40),
+        "ClientInit replayed": genuine,
+        "ClientInit, unknown key": client_init(other, server, early),
+        "ClientInit, forged signature": forged_client_init(other, local, server, early),
+        "ClientInit to another server": client_init(local, elsewhere, early),
+        "ClientInit 2 min old": client_init(local, server, early, lambda: time.time() - 120),
+        "ClientInit 2 min ahead": client_init(local, server, early, lambda: time.time() + 120),
+    }
+
+
+def probe_table(results: list[ProbeResult]) -> str:
+    lines = [f"{'what was sent':32} {'bytes':>6} {'FIN':>4} {'back':>5} {'closed after':>13}"]
+    for r in results:
+        fin = "yes" if r.half_close else "no"
+        lines.append(
+            f"{r.name:32} {r.sent:>6} {fin:>4} {r.bytes_back:>5} {r.seconds:>11.3f} s ({r.ended})"
+        )
+    return "\n".join(lines)
 
 
 def closed_without_answer(sock: socket.socket) -> bool:

@@ -62,7 +62,6 @@ from tests.hardening_support import (
     Link,
     Observer,
     Plan,
-    ProbeResult,
     Received,
     Relay,
     StreamTamperer,
@@ -74,12 +73,14 @@ from tests.hardening_support import (
     handshake_failure,
     is_prefix,
     probe,
+    probe_table,
     rsa_operations,
     server_public,
     session_end,
+    stranger_probes,
 )
 from utils import handshake as hs
-from utils.crypto import RsaKey, rsa_sign, static_x25519, x25519_public
+from utils.crypto import RsaKey, rsa_sign, static_x25519
 from utils.keys import fingerprint, fingerprint_bytes, load_private_key, load_public_key
 from utils.mux import open_frame
 from utils.socks5 import CMD_CONNECT, Address, Reply, Request, encode_tunnel_request
@@ -270,6 +271,8 @@ def _run_case(
             lane.relay.wait_idle(result.links, CLOSE_LIMIT, live=1 if lane.warm else 0)
             if armed is not None:
                 armed.finished.wait(CLOSE_LIMIT)
+        if spot.tail == "end-after-peer-fin":  # the local logs it once it read the end
+            wait_for(lambda: _session_failures(lane) > failures_before, CLOSE_LIMIT)
         result.local_session_failures = _session_failures(lane) - failures_before
         result.finished_at = time.time()
     except Exception as exc:  # reported by the case's own test
@@ -725,60 +728,6 @@ def _key(keys: Keys, name: str) -> RsaKey:
     return load_private_key(Path(keys.path(name)))
 
 
-def _tls_client_hello() -> bytes:
-    """A TLS 1.2 record header and a ClientHello-shaped body (random inside)."""
-    body = b"\x01\x00\x01\xfc\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32)
-    body += b"\x00\x02\x13\x01\x01\x00" + os.urandom(508 - len(body))
-    return b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body
-
-
-def _flip(data: bytes, position: int) -> bytes:
-    changed = bytearray(data)
-    changed[position] ^= 0x04
-    return bytes(changed)
-
-
-def _probes(keys: Keys, destination_port: int, genuine: bytes) -> dict[str, bytes]:
-    """What a stranger (or a recorder) may send the server's port."""
-    local, other = _key(keys, "local_private"), _key(keys, "other_private")
-    server = server_public(Path(keys.path("server_public")))
-    impostor_target = hs.ServerPublic(other.public_key(), x25519_public(other))
-    early = open_frame(
-        1, encode_tunnel_request(Request(CMD_CONNECT, Address("127.0.0.1", destination_port)))
-    )
-    valid = client_init(local, server, early)
-    return {
-        "empty": b"",
-        "random 1 B": os.urandom(1),
-        "random 89 B": os.urandom(89),
-        "random 90 B": os.urandom(90),
-        "random 500 B": os.urandom(500),
-        "random 5000 B": os.urandom(5000),
-        "HTTP GET": b"GET / HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/8\r\n\r\n",
-        "TLS ClientHello": _tls_client_hello(),
-        "SOCKS5 greeting": b"\x05\x01\x00",
-        "ClientInit truncated": valid[: len(valid) // 2],
-        "ClientInit, header bit flipped": _flip(valid, hs.INIT_PREFIX_SIZE + 3),
-        "ClientInit, body bit flipped": _flip(valid, hs.INIT_HEAD_SIZE + 40),
-        "ClientInit replayed": genuine,
-        "ClientInit, unknown key": client_init(other, server, early),
-        "ClientInit, forged signature": forged_client_init(other, local, server, early),
-        "ClientInit to another server": client_init(local, impostor_target, early),
-        "ClientInit 2 min old": client_init(local, server, early, lambda: time.time() - 120),
-        "ClientInit 2 min ahead": client_init(local, server, early, lambda: time.time() + 120),
-    }
-
-
-def _probe_table(results: list[ProbeResult]) -> str:
-    lines = [f"{'what was sent':32} {'bytes':>6} {'FIN':>4} {'back':>5} {'closed after':>13}"]
-    for r in results:
-        fin = "yes" if r.half_close else "no"
-        lines.append(
-            f"{r.name:32} {r.sent:>6} {fin:>4} {r.bytes_back:>5} {r.seconds:>11.3f} s ({r.ended})"
-        )
-    return "\n".join(lines)
-
-
 def test_a_stranger_gets_no_byte_and_a_close_at_handshake_timeout_whatever_it_sends(
     keys: Keys, key_server: Program, counting_listener: TCPServer
 ) -> None:
@@ -797,7 +746,7 @@ def test_a_stranger_gets_no_byte_and_a_close_at_handshake_timeout_whatever_it_se
         sock.sendall(genuine)
         assert sock.recv(65536), "the server did not answer a genuine ClientInit"
     before = rsa_operations(server)
-    probes = _probes(keys, counting_listener.port, genuine)
+    probes = stranger_probes(keys.dir, counting_listener.port, genuine)
     jobs = [(name, data, fin) for name, data in probes.items() for fin in (False, True)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(
@@ -805,7 +754,7 @@ def test_a_stranger_gets_no_byte_and_a_close_at_handshake_timeout_whatever_it_se
                 lambda job: probe(server.port, job[0], job[1], job[2], PROBE_TIMEOUT + 5), jobs
             )
         )
-    print("\n" + _probe_table(results))
+    print("\n" + probe_table(results))
     for result in results:
         assert result.bytes_back == 0, result
         assert result.ended in ("eof", "reset"), result
