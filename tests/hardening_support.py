@@ -577,7 +577,9 @@ class Received:
 
 
 class Exchange(TCPServer):
-    """A destination that sends ``download`` (paced or in one go) while it reads."""
+    """A destination that sends ``download`` (paced or in one go) while it reads; with
+    nothing to send, it half-closes only after the client's EOF (so that its EOF frame
+    comes after every WINDOW frame of the upload)."""
 
     def __init__(self, download: bytes = DOWNLOAD, paced: bool = True) -> None:
         self.received: list[Received] = []
@@ -593,7 +595,8 @@ class Exchange(TCPServer):
             sender = threading.Thread(
                 target=send_then_end, args=(conn, self.download, result, self.paced), daemon=True
             )
-            sender.start()
+            if self.download:
+                sender.start()
             try:
                 while data := conn.recv(65536):
                     result.data += data
@@ -604,6 +607,8 @@ class Exchange(TCPServer):
                 result.ended = "timeout"
             except OSError as exc:
                 result.ended = f"error: {exc}"
+            if not self.download:
+                sender.start()  # the end, at last
             sender.join(TRANSFER_TIMEOUT)
             _reset_seen_by_the_writer(result)
         finally:
@@ -643,7 +648,9 @@ def exchange(
     paced: bool = True,
     timeout: float = TRANSFER_TIMEOUT,
 ) -> ClientOutcome:
-    """CONNECT through the local to an Exchange at ``dest_port``; upload while downloading."""
+    """CONNECT through the local to an Exchange at ``dest_port``; upload while downloading.
+    With nothing to upload the client half-closes only when it has read to the end (so that
+    its EOF frame comes after every WINDOW frame of the download)."""
     outcome = ClientOutcome()
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", local_port), timeout=timeout) as sock:
@@ -665,7 +672,7 @@ def exchange(
             outcome.seconds = time.monotonic() - started
             return outcome
         uploader = None
-        if outcome.reply == 0:
+        if outcome.reply == 0 and upload:
             uploader = threading.Thread(
                 target=send_then_end, args=(sock, upload, outcome, paced), daemon=True
             )

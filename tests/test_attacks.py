@@ -123,10 +123,10 @@ C, D = CONTROL_RECORD_SIZE, DATA_RECORD_SIZE
 RECORDS: dict[tuple[bool, str, str], tuple[tuple[int, ...], int]] = {
     (False, "paced", L2S): ((C, *[D] * 20), 0),  # PING, data
     (False, "paced", S2L): ((C, C, *[D] * 20), 0),  # PONG and REPLY, data
-    (False, "download", L2S): ((C,), C),  # PING, EOF, WINDOW, WINDOW, ...
+    (False, "download", L2S): ((C,), C),  # PING, WINDOW, WINDOW, ..., EOF
     (False, "download", S2L): ((C, C), 0),
     (False, "upload", L2S): ((C,), 0),
-    (False, "upload", S2L): ((C, C), C),  # PONG, REPLY, EOF, WINDOW, ...
+    (False, "upload", S2L): ((C, C), C),  # PONG, REPLY, WINDOW, WINDOW, ..., EOF
     # OPEN, then for a reorder (the OPEN held back: no reply comes) the stream's RESET
     (True, "paced", L2S): ((C,), C),
     (True, "paced", S2L): ((C, *[D] * 20), 0),  # REPLY, data
@@ -140,7 +140,7 @@ PHASES: dict[str, Phase] = {
     "server-record-1": Phase({S2L: Spot(1)}),  # the PONG or the REPLY
     "server-record-2": Phase({S2L: Spot(2)}),  # the other one
     "data": Phase({L2S: Spot(2 + DATA_UNIT), S2L: Spot(3 + DATA_UNIT)}),
-    "window": Phase({L2S: Spot(3, "download"), S2L: Spot(4, "upload")}),
+    "window": Phase({L2S: Spot(2, "download"), S2L: Spot(3, "upload")}),
     "eof": Phase({L2S: Spot(2, tail="eof-at-fin"), S2L: Spot(3, tail="eof-at-quiet")}),
     "session-end": Phase(
         {L2S: Spot(2, tail="end-at-fin"), S2L: Spot(3, tail="end-after-peer-fin")}
