@@ -12,9 +12,9 @@ ServerResponse, the local's first record (the PING that releases the early data)
 server's first two records (its PONG and the REPLY, in either order), a data record, a WINDOW
 frame, the EOF frames and the sessions' end-of-stream records, in both directions; and on a
 warm session (the next connection on a live session) the OPEN and the REPLY records. The
-cases run concurrently on six "lanes" (a relay, a local and destinations each; one server
-for all) in a module fixture, since many wait out a timeout; each parametrized test then
-checks its own case.
+cases run concurrently on eight "lanes" (a relay and a local each: seven make a session per
+connection, one keeps its session; one server for all; a destination per case) in a module
+fixture, since many wait out a timeout; each parametrized test then checks its own case.
 
 Then: recorded sessions replayed (to the same server: silence; after a restart: a
 ServerResponse but nothing acted on), the stranger's probes (no byte back, closed at
