@@ -11,8 +11,11 @@ What each row justifies:
 - X25519 in both libraries: the handshake's ephemeral exchange (cryptography is used).
 - utils.cells: the record layer as shipped (RecordSealer / RecordOpener), and the numpy cell
   framing against the obvious pure-Python per-cell loop written here.
-- RSA-3072 PSS sign / OAEP decrypt (pycryptodome, as the handshake uses them), and a full
-  versus a resumed in-memory handshake (utils.handshake): why resumption exists.
+- RSA-3072 PSS sign / verify (pycryptodome, as the handshake uses them), and the protocol v2
+  handshake step by step (utils.handshake): the local's create_client_init, the server's
+  consume_client_init for a stranger (the sealed header does not open: one X25519
+  operation, the whole cost of a probe) and for a genuine local (plus a signature check),
+  create_server_response (the one private-key operation), consume_server_response.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import struct
 import sys
+import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Crypto
 import cryptography
-from Crypto.Cipher import AES, PKCS1_OAEP
+from Crypto.Cipher import AES
 from Crypto.Hash import SHA256
 from Crypto.Protocol import DH
 from Crypto.PublicKey import ECC, RSA
@@ -50,13 +55,15 @@ from utils.cells import (
     pack_cells,
     unpack_cells,
 )
+from utils.errors import SockproxyError
 from utils.handshake import (
     AuthorizedPeer,
     ClientHandshake,
     ServerHandshake,
-    TicketStore,
-    key_fingerprint,
+    ServerPublic,
+    server_secret,
 )
+from utils.keys import fingerprint_bytes
 
 KEY = bytes(range(32))
 NONCE = bytes(12)
@@ -246,35 +253,107 @@ def cell_rows(repeat: int, min_time: float) -> list[Row]:
 def rsa_rows(repeat: int, min_time: float, bits: int) -> tuple[list[Row], list[Row]]:
     local, server = RSA.generate(bits), RSA.generate(bits)
     digest = SHA256.new(b"transcript")
-    sealed = PKCS1_OAEP.new(server.public_key(), hashAlgo=SHA256).encrypt(os.urandom(32))
-    decryptor = PKCS1_OAEP.new(server, hashAlgo=SHA256)
+    signature = pss.new(local).sign(digest)
     t_sign = measure(lambda: pss.new(local).sign(digest), repeat, min_time)
-    t_dec = measure(lambda: decryptor.decrypt(sealed), repeat, min_time)
+    t_verify = measure(
+        lambda: pss.new(local.public_key()).verify(digest, signature), repeat, min_time
+    )
     rsa = [
-        (f"RSA-{bits} PSS sign (pycryptodome)", ms(t_sign), ""),
-        (f"RSA-{bits} OAEP decrypt (pycryptodome)", ms(t_dec), ""),
+        (f"RSA-{bits} PSS sign (pycryptodome)", ms(t_sign), "a private-key operation"),
+        (f"RSA-{bits} PSS verify (pycryptodome)", ms(t_verify), ""),
     ]
+    return rsa, handshake_rows(repeat, min_time, local, server)
 
-    authorized = {key_fingerprint(local): AuthorizedPeer("bench", local.public_key())}
-    store = TicketStore(3600)
 
-    def handshake(ticket_holder: list[ClientHandshake]) -> ClientHandshake:
-        ticket = ticket_holder[0].new_ticket if ticket_holder else None
-        client = ClientHandshake(local, server.public_key(), ticket)
-        responder = ServerHandshake(server, authorized, store)
-        client.receive(responder.receive(client.receive(responder.start())))
-        if not client.done or client.resumed != bool(ticket_holder):
-            raise SystemExit("handshake did not complete as expected")
+def handshake_rows(
+    repeat: int, min_time: float, local: RSA.RsaKey, server: RSA.RsaKey
+) -> list[Row]:
+    """The v2 handshake, one message at a time (in memory, both sides in this process)."""
+    secret = server_secret(server)
+    public = ServerPublic(server.public_key(), secret.static.share)
+    peers = {fingerprint_bytes(local): AuthorizedPeer("bench", local.public_key())}
+    early = b"\x01" + bytes(6) + b"\x08" + bytes(8)  # an OPEN-sized frame
+    genuine = ClientHandshake(local, public).create_client_init(early)
+    probe = os.urandom(len(genuine))
+
+    def create() -> bytes:
+        return ClientHandshake(local, public).create_client_init(early)
+
+    def stranger() -> None:
+        try:
+            ServerHandshake(secret, peers).consume_client_init(probe)
+        except SockproxyError:
+            return
+        raise SystemExit("random bytes opened as a ClientInit")
+
+    def consume() -> ServerHandshake:
+        responder = ServerHandshake(secret, peers)
+        if responder.consume_client_init(genuine) is None:
+            raise SystemExit("a genuine ClientInit did not authenticate")
+        return responder
+
+    def respond() -> bytes:
+        return consume().create_server_response()
+
+    def whole() -> None:
+        client = ClientHandshake(local, public)
+        responder = ServerHandshake(secret, peers)
+        responder.consume_client_init(client.create_client_init(early))
+        if client.consume_server_response(responder.create_server_response()) is None:
+            raise SystemExit("handshake did not complete")
+
+    def fixed() -> ClientHandshake:
+        """The same ClientInit every time (fixed randomness and clock): one response fits."""
+        return ClientHandshake(local, public, rng=random.Random(1).randbytes, clock=lambda: 1e9)
+
+    responder = ServerHandshake(secret, peers)
+    responder.consume_client_init(fixed().create_client_init(early))
+    response = responder.create_server_response()
+
+    def create_fixed() -> ClientHandshake:
+        client = fixed()
+        client.create_client_init(early)
         return client
 
-    first = handshake([])
-    t_full = measure(lambda: handshake([]), repeat, min_time)
-    t_resumed = measure(lambda: handshake([first]), repeat, min_time)
-    shakes = [
-        (f"full handshake, both sides, in memory (RSA-{bits})", ms(t_full), ""),
-        ("resumed handshake, both sides, in memory", ms(t_resumed), f"{t_full / t_resumed:.0f}x"),
+    def finish(count: int = 50) -> float:
+        """Seconds per consume_server_response (the clients made beforehand, untimed)."""
+        clients = [create_fixed() for _ in range(count)]
+        started = time.perf_counter()
+        for client in clients:
+            if client.consume_server_response(response) is None:
+                raise SystemExit("the response did not complete the handshake")
+        return (time.perf_counter() - started) / count
+
+    t = {
+        name: measure(fn, repeat, min_time)
+        for name, fn in (
+            ("create", create),
+            ("stranger", stranger),
+            ("consume", consume),
+            ("respond", respond),
+            ("whole", whole),
+        )
+    }
+    return [
+        ("local: create_client_init (X25519, RSA sign)", ms(t["create"]), ""),
+        (
+            "server: consume_client_init, a stranger's bytes",
+            us(t["stranger"]),
+            "header does not open: the whole cost of a probe",
+        ),
+        ("server: consume_client_init, genuine (X25519, RSA verify)", ms(t["consume"]), ""),
+        (
+            "server: create_server_response (X25519, RSA sign)",
+            ms(t["respond"] - t["consume"]),
+            "the one private-key operation",
+        ),
+        (
+            "local: consume_server_response (RSA verify, X25519)",
+            ms(statistics.median(finish() for _ in range(repeat))),
+            "",
+        ),
+        ("whole handshake, both sides, in memory", ms(t["whole"]), ""),
     ]
-    return rsa, shakes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,6 +169,12 @@ class Connector:
                 if attempt == 2 or early:
                     raise
                 log.info("session lost before the reply; asking again on a fresh session")
+            except BaseException:
+                # No reply in time: the session must not keep the stream (nor the server
+                # its destination connection) for a client that is gone.
+                stream.abort("no reply in time")
+                stream.close()
+                raise
         raise AssertionError("unreachable")
 
     def _open_stream(self, message: bytes, early: bytes, deadline: Deadline) -> Stream:

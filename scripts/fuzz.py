@@ -11,8 +11,11 @@ at once, one echoes). The inputs grow from valid seeds:
 * local.py: SOCKS5 sessions without auth and with RFC 1929 user/pass, CONNECT to IPv4,
   IPv6 and a domain (plus UDP ASSOCIATE and BIND), and HTTP CONNECT requests, with and
   without Proxy-Authorization; a seed goes to the local whose auth setting it fits;
-* server.py: a full and a resumed session recorded from a real handshake with it
-  (handshake messages, request, data and end-of-stream records).
+* server.py (protocol v2): a session recorded from a real handshake with it (its
+  ClientInit alone, and with its records: replays the server must meet with silence, and
+  mutations of them), and fresh, genuine ClientInits made at send time around mutated
+  early data (mux frames: OPEN, DATA, EOF), each followed by one record under the session
+  keys once the server answers, so that the server parses the early frames.
 
 Each input is a seed changed by one or more of: bit flips, byte insertion or deletion,
 truncation, splicing with another seed, a length field set to an edge value, or replaced
@@ -66,8 +69,17 @@ from Crypto.PublicKey import RSA  # noqa: E402
 
 from utils import handshake as hs  # noqa: E402
 from utils.cells import RecordOpener, RecordSealer  # noqa: E402
-from utils.channel import Channel, Deadline, client_handshake  # noqa: E402
-from utils.errors import ProtocolError  # noqa: E402
+from utils.channel import Deadline, recv_some  # noqa: E402
+from utils.errors import ProtocolError, SockproxyError  # noqa: E402
+from utils.keys import load_server_public_key  # noqa: E402
+from utils.mux import (  # noqa: E402
+    FrameDecoder,
+    FrameType,
+    data_frames,
+    eof_frame,
+    open_frame,
+    ping_frame,
+)
 from utils.socks5 import (  # noqa: E402
     CMD_BIND,
     CMD_CONNECT,
@@ -111,6 +123,7 @@ class Seed:
     data: bytes
     target: str  # row name of the program that gets it
     fields: tuple[tuple[int, int], ...] = ()  # (offset, width) of length and port fields
+    fresh: bool = False  # data is early frames: a new, genuine ClientInit is made around them
 
 
 def _socks_request(
@@ -168,74 +181,77 @@ def http_seeds(
     return seeds
 
 
-def _frame_fields(wire: bytes, count: int) -> list[tuple[int, int]]:
-    """Offsets of the 2-byte length fields of the first ``count`` handshake messages."""
+def _frame_fields(frames: bytes) -> list[tuple[int, int]]:
+    """Offsets of the 2-byte length fields of the mux frames in ``frames``."""
     fields, offset = [], 0
-    for _ in range(count):
-        fields.append((offset, 2))
-        offset += 2 + int.from_bytes(wire[offset : offset + 2], "big")
+    while offset + 7 <= len(frames):
+        fields.append((offset + 5, 2))
+        offset += 7 + int.from_bytes(frames[offset + 5 : offset + 7], "big")
     return fields
 
 
-def _recv_some(sock: socket.socket) -> bytes:
-    data = sock.recv(65536)
-    if not data:
-        raise ConnectionError("server closed during the recorded session")
-    return data
-
-
-def record_session(
-    port: int, keys: Keys, close_port: int, ticket: hs.Ticket | None
-) -> tuple[bytes, hs.Ticket | None]:
-    """A real session with server.py (full, or resumed with ``ticket``): what we sent.
-
-    Like the local: the request goes out as soon as there are keys (with the resumed
-    handshake's last flight), then "ping" and the end of stream.
-    """
-    sent = bytearray()
-    request = encode_tunnel_request(Request(CMD_CONNECT, Address("127.0.0.1", close_port)))
+def run_session(
+    port: int, keys: Keys, target: Address, payload: bytes
+) -> tuple[bytes, bytes, bytes]:
+    """A real session with server.py, as the local runs one: the OPEN rides in the
+    ClientInit; the first record (a PING, ``payload``, the EOF) lets the server act on it.
+    Returns the ClientInit, the records we sent after it, and what came back on the
+    stream before its end."""
+    request = encode_tunnel_request(Request(CMD_CONNECT, target))
+    client = hs.ClientHandshake(keys.local_private, keys.server)
+    init = client.create_client_init(open_frame(1, request))
+    deadline = Deadline(10)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        client = hs.ClientHandshake(keys.local_private, keys.server_public, ticket)
-        sealer: RecordSealer | None = None
-        while not client.done:
-            flight = client.receive(_recv_some(sock))
-            if client.keys is not None and sealer is None:
-                sealer = RecordSealer(client.keys.send)
-                flight += sealer.seal(request)
-            if flight:
-                sock.sendall(flight)
-                sent += flight
-        assert client.keys is not None and sealer is not None
-        opener = RecordOpener(client.keys.receive)
-        payloads = opener.feed(client.trailing_data())
-        while not payloads:
-            payloads = opener.feed(_recv_some(sock))
-        reply, _ = decode_tunnel_reply(payloads[0])
-        if reply != Reply.SUCCEEDED:
-            raise RuntimeError(f"recorded session: the server answered {reply.name}")
-        rest = sealer.seal(b"ping") + sealer.seal_end()
-        sock.sendall(rest)
-        sent += rest
+        sock.sendall(init)
+        session = None
+        while session is None:
+            session = client.consume_server_response(recv_some(sock, deadline, 65536))
+        sealer, opener = RecordSealer(session.send), RecordOpener(session.receive)
+        first = sealer.seal(ping_frame(b"fuzzseed") + data_frames(1, payload) + eof_frame(1))
+        sock.sendall(first)
+        received, ended = _stream_until_end(sock, deadline, opener, client.trailing_data())
+        end = sealer.seal_end()
+        sock.sendall(end)
         with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
             while sock.recv(65536):
                 pass
-    return bytes(sent), client.new_ticket
+    if not ended:
+        raise RuntimeError("the session's stream did not end")
+    return init, first + end, received
+
+
+def _stream_until_end(
+    sock: socket.socket, deadline: Deadline, opener: RecordOpener, pending: bytes
+) -> tuple[bytes, bool]:
+    """Stream 1's bytes until its EOF or RESET; refused if its REPLY is not "succeeded"."""
+    decoder, received = FrameDecoder(), bytearray()
+    data = pending
+    while True:
+        for payload in opener.feed(data) if data else []:
+            for frame in decoder.feed(payload):
+                if frame.type is FrameType.REPLY:
+                    reply, _ = decode_tunnel_reply(frame.body)
+                    if reply != Reply.SUCCEEDED:
+                        raise RuntimeError(f"the server answered {reply.name}")
+                elif frame.type is FrameType.DATA:
+                    received += frame.body
+                elif frame.type in (FrameType.EOF, FrameType.RESET):
+                    return bytes(received), True
+        data = recv_some(sock, deadline, 65536)
 
 
 def server_seeds(target: str, port: int, keys: Keys, close_port: int) -> list[Seed]:
-    full, ticket = record_session(port, keys, close_port, None)
-    if ticket is None:
-        raise RuntimeError("the full handshake left no ticket")
-    resumed, _ = record_session(port, keys, close_port, ticket)
-    seeds = []
-    for name, wire in (("full session", full), ("resumed session", resumed)):
-        fields = tuple(_frame_fields(wire, 2))
-        handshake_end = (
-            fields[1][0] + 2 + int.from_bytes(wire[fields[1][0] : fields[1][0] + 2], "big")
-        )
-        seeds.append(Seed(f"server {name}", wire, target, fields))
-        seeds.append(Seed(f"server {name} (handshake only)", wire[:handshake_end], target, fields))
-    return seeds
+    """A recorded session (its ClientInit, alone or with its records: replays, then
+    mutations of them), and fresh ClientInits around mutated early frames."""
+    init, records, _ = run_session(port, keys, Address("127.0.0.1", close_port), b"ping")
+    request = encode_tunnel_request(Request(CMD_CONNECT, Address("127.0.0.1", close_port)))
+    early = open_frame(1, request) + data_frames(1, b"GET / HTTP/1.0\r\n\r\n") + eof_frame(1)
+    return [
+        Seed("server recorded session", init + records, target),
+        Seed("server recorded ClientInit", init, target),
+        Seed("server fresh ClientInit", early, target, tuple(_frame_fields(early)), fresh=True),
+    ]
 
 
 # --------------------------------------------------------------------------- mutations
@@ -316,6 +332,7 @@ class FuzzInput:
     data: bytes
     keep_open: bool
     how: str  # the seed and the mutations, for the failure report
+    fresh: bool = False  # data is early frames for a new, genuine ClientInit (Seed.fresh)
 
 
 def make_input(run_seed: int, front: str, index: int, seeds: list[Seed]) -> FuzzInput:
@@ -329,10 +346,12 @@ def make_input(run_seed: int, front: str, index: int, seeds: list[Seed]) -> Fuzz
             name = rng.choice(_NAMES)
             data = _BY_NAME[name](rng, data, seed, seeds)
             steps.append(name)
-    keep_open = rng.random() < KEEP_OPEN
+    # A session that authenticated waits for its local up to the session timeout: fresh
+    # ClientInits are always followed by a half-close.
+    keep_open = rng.random() < KEEP_OPEN and not seed.fresh
     kept = " (kept open)" if keep_open else ""
     how = f"{front} #{index}: {seed.name} + {'/'.join(steps) or 'intact'}{kept}"
-    return FuzzInput(seed.target, bytes(data), keep_open, how)
+    return FuzzInput(seed.target, bytes(data[: hs.MAX_EARLY_DATA]), keep_open, how, seed.fresh)
 
 
 # --------------------------------------------------------------------------- the programs
@@ -342,14 +361,13 @@ def make_input(run_seed: int, front: str, index: int, seeds: list[Seed]) -> Fuzz
 class Keys:
     dir: Path
     local_private: RSA.RsaKey
-    server_public: RSA.RsaKey
+    server: hs.ServerPublic
 
 
 def load_keys(directory: Path) -> Keys:
-    def key(name: str) -> RSA.RsaKey:
-        return RSA.import_key((directory / f"{name}.pem").read_bytes())
-
-    return Keys(directory, key("local_private"), key("server_public"))
+    local = RSA.import_key((directory / "local_private.pem").read_bytes())
+    server = hs.ServerPublic(*load_server_public_key(directory / "server_public.pem"))
+    return Keys(directory, local, server)
 
 
 def make_keys(directory: Path) -> Keys:
@@ -577,7 +595,25 @@ class Watcher:
 # --------------------------------------------------------------------------- sending
 
 
-def send_input(item: FuzzInput, row: Row, watcher: Watcher) -> None:
+def fresh_session_start(item: FuzzInput, keys: Keys, sock: socket.socket) -> None:
+    """A genuine ClientInit around the mutated early frames (its randomness from the input,
+    its clock now), then, once the server answers, one record under the session keys (a
+    PING): the server acts on early data only after such a record (server/replay.py)."""
+    client = hs.ClientHandshake(
+        keys.local_private, keys.server, rng=random.Random(item.how).randbytes
+    )
+    sock.sendall(client.create_client_init(item.data))
+    deadline = Deadline(HANDSHAKE_TIMEOUT)
+    try:
+        session = None
+        while session is None:
+            session = client.consume_server_response(recv_some(sock, deadline, 65536))
+    except (OSError, SockproxyError):
+        return  # refused: the watcher sees the close
+    sock.sendall(RecordSealer(session.send).seal(ping_frame(b"fuzzping")))
+
+
+def send_input(item: FuzzInput, row: Row, watcher: Watcher, keys: Keys | None = None) -> None:
     watcher.slots.acquire()
     opened = time.monotonic()
     try:
@@ -589,7 +625,10 @@ def send_input(item: FuzzInput, row: Row, watcher: Watcher) -> None:
         row.note(f"connect failed ({exc}): {item.how}")
         return
     try:
-        sock.sendall(item.data)
+        if item.fresh and keys is not None:
+            fresh_session_start(item, keys, sock)
+        else:
+            sock.sendall(item.data)
         if not item.keep_open:
             sock.shutdown(socket.SHUT_WR)
     except (ConnectionResetError, BrokenPipeError):
@@ -609,6 +648,7 @@ def fuzz_front(
     options: Options,
     watcher: Watcher,
     programs_alive: Callable[[], bool],
+    keys: Keys | None = None,
 ) -> None:
     """``options.iterations`` inputs to one front from ``options.threads`` threads."""
     counter = iter(range(options.iterations))
@@ -628,7 +668,7 @@ def fuzz_front(
             row = rows[item.target]
             with row.lock:
                 row.inputs += 1
-            send_input(item, row, watcher)
+            send_input(item, row, watcher, keys)
 
     threads = [threading.Thread(target=work, daemon=True) for _ in range(options.threads)]
     for thread in threads:
@@ -695,26 +735,10 @@ def probe_http(port: int, echo_port: int) -> None:
 
 
 def probe_server(port: int, keys: Keys, echo_port: int) -> None:
-    """A direct, full handshake with server.py, a request and an echo through the channel."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        handshake = hs.ClientHandshake(keys.local_private, keys.server_public)
-        channel: Channel = client_handshake(sock, handshake, Deadline(10))
-        channel.send_message(
-            encode_tunnel_request(Request(CMD_CONNECT, Address("127.0.0.1", echo_port)))
-        )
-        reply, _ = decode_tunnel_reply(channel.receive_message(Deadline(10)))
-        if reply != Reply.SUCCEEDED:
-            raise RuntimeError(f"reply {reply.name}")
-        channel.send(b"ping")
-        got = b""
-        while len(got) < 4:
-            payloads = channel.receive()
-            if not payloads:
-                break
-            got += b"".join(payloads)
-        if got != b"ping":
-            raise RuntimeError(f"echo through the channel answered {got!r}")
-        channel.send_end()
+    """A direct session with server.py: the request in the ClientInit, an echo through it."""
+    _, _, echoed = run_session(port, keys, Address("127.0.0.1", echo_port), b"ping")
+    if echoed != b"ping":
+        raise RuntimeError(f"echo through the session answered {echoed!r}")
 
 
 # --------------------------------------------------------------------------- the run
@@ -950,7 +974,7 @@ def _fuzz_and_check(
 
     watcher = Watcher(HANDSHAKE_TIMEOUT + CLOSE_GRACE)
     fuzz_front("local", local_seeds, rows, options, watcher, alive)
-    fuzz_front("server", handshake_seeds, rows, options, watcher, alive)
+    fuzz_front("server", handshake_seeds, rows, options, watcher, alive, keys)
     watcher.drain(HANDSHAKE_TIMEOUT + CLOSE_GRACE + 10)
     for row in rows.values():
         if not row.program.alive:

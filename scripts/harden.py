@@ -2,13 +2,16 @@
 """Run the hardening suite against the real programs and print one table.
 
     python3 scripts/harden.py [--slowloris 1000] [--flood 1000] [--repeat 3]
-                              [--fuzz-iterations 2000] [--no-fuzz] [--no-attacks]
+                              [--fuzz-iterations 2000] [--probe-rounds 10]
+                              [--no-fuzz] [--no-attacks]
 
 Each row is an attack or a fault: slowloris (silent and one-byte-a-second connections) at
 the local's SOCKS port and at the server's port, a max_connections flood of each program,
 kill -9 of the server, a destination or a client in the middle of a transfer, a
-destination that never reads, failover between two servers, then scripts/fuzz.py and the
-man-in-the-middle attack tests (tests/test_attacks.py) when they exist. The columns:
+destination that never reads, failover between two servers, a stranger's probes at the
+server (random bytes, HTTP and TLS hellos, truncated, altered, replayed, stale and forged
+ClientInits: no byte back, a close at handshake_timeout, no RSA private-key operation),
+then scripts/fuzz.py and the man-in-the-middle attack tests (tests/test_attacks.py). The columns:
 how many tries, what happened, bytes lost or corrupted without the client being told
 (must be 0), and the programs' file descriptors and threads before/after (read once the
 worker pool's idle threads have exited; if they have not within keep_idle + 1 s, up to
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402  (pytest.fail.Exception: what the launcher raises)
 
-from tests.conftest import Keys, Launcher  # noqa: E402
+from tests.conftest import Keys, Launcher, TCPServer  # noqa: E402
 from tests.faults_support import (  # noqa: E402
     POOL_KEEP_IDLE,
     POOL_MAX_IDLE,
@@ -56,6 +61,16 @@ from tests.faults_support import (  # noqa: E402
     slowloris_scenario,
     stuck_destination_scenario,
 )
+from tests.hardening_support import (  # noqa: E402
+    ProbeResult,
+    client_init,
+    probe,
+    rsa_operations,
+    server_public,
+    stranger_probes,
+)
+from utils.keys import load_private_key  # noqa: E402
+from utils.mux import open_frame  # noqa: E402
 
 HEADERS = (
     "attack or fault",
@@ -272,6 +287,86 @@ def attacks_row() -> Row:
     return Row(name, tries, summary, None, problems=problems)
 
 
+PROBE_TIMEOUT = 2.0  # the server's handshake_timeout in the probe row
+PROBE_SLACK = 0.5  # a close this much after it is late
+
+
+@dataclass
+class ProbeReport:
+    results: list[ProbeResult]
+    rsa_before: int
+    rsa_after: int
+    destination_connections: int
+
+    def problems(self) -> list[str]:
+        found = []
+        answered = [r for r in self.results if r.bytes_back]
+        if answered:
+            found.append(f"{len(answered)} probes got bytes back, e.g. {answered[0]}")
+        odd = [
+            r
+            for r in self.results
+            if not PROBE_TIMEOUT - 0.1 <= r.seconds <= PROBE_TIMEOUT + PROBE_SLACK
+        ]
+        if odd:
+            found.append(f"{len(odd)} closed outside the timeout +{PROBE_SLACK:g} s: {odd[0]}")
+        if self.rsa_after != self.rsa_before:
+            found.append(f"rsa private-key operations {self.rsa_before} -> {self.rsa_after}")
+        if self.destination_connections:
+            found.append(f"{self.destination_connections} destination connections")
+        return found
+
+    def outcome(self) -> str:
+        times = [r.seconds for r in self.results]
+        return (
+            f"bytes back: max {max((r.bytes_back for r in self.results), default=0)}; closed "
+            f"{min(times, default=0):.3f}..{max(times, default=0):.3f} s after the connect "
+            f"(handshake_timeout {PROBE_TIMEOUT:g} s); rsa private-key operations "
+            f"{self.rsa_before} -> {self.rsa_after}; destination connections: "
+            f"{self.destination_connections}"
+        )
+
+
+def probe_scenario(launcher: Launcher, rounds: int) -> ProbeReport:
+    """Every probe of tests/hardening_support.stranger_probes ``rounds`` times, with and
+    without a FIN, side by side: no byte back, a close at handshake_timeout, no RSA work."""
+    server = launcher.server(handshake_timeout=PROBE_TIMEOUT)
+    listener = TCPServer(lambda conn, _peer: conn.close())
+    try:
+        local = load_private_key(launcher.keys.dir / "local_private.pem")
+        request = b"\x01\x01\x7f\x00\x00\x01" + listener.port.to_bytes(2, "big")
+        genuine = client_init(
+            local, server_public(launcher.keys.dir / "server_public.pem"), open_frame(1, request)
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(genuine)  # accepted once (its early data waits for a record)
+            sock.recv(65536)
+        before = rsa_operations(server)
+        jobs = [
+            (name, data, fin)
+            for _ in range(rounds)
+            for name, data in stranger_probes(launcher.keys.dir, listener.port, genuine).items()
+            for fin in (False, True)
+        ]
+        with ThreadPoolExecutor(64) as pool:
+            results = list(
+                pool.map(lambda j: probe(server.port, j[0], j[1], j[2], PROBE_TIMEOUT + 5), jobs)
+            )
+        return ProbeReport(results, before, rsa_operations(server), len(listener.peers))
+    finally:
+        listener.close()
+
+
+def probes_row(bench: Bench, rounds: int) -> Row:
+    name = f"stranger probes (18 kinds, FIN or not, x{rounds})"
+    report, problems = bench.run(name, lambda launcher: probe_scenario(launcher, rounds))
+    if report is None:
+        return Row(name, 0, "crashed", None, problems=problems)
+    return Row(
+        name, len(report.results), report.outcome(), None, problems=report.problems() + problems
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -281,6 +376,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--flood", type=int, default=1000, help="refused connection attempts")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each kill -9 fault")
     parser.add_argument("--fuzz-iterations", type=int, default=2000)
+    parser.add_argument("--probe-rounds", type=int, default=10, help="rounds of stranger probes")
     parser.add_argument("--no-fuzz", action="store_true", help="do not run scripts/fuzz.py")
     parser.add_argument("--no-attacks", action="store_true", help="skip tests/test_attacks.py")
     return parser
@@ -315,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )  # fmt: skip
             rows.append(failover_row(bench))
+            rows.append(probes_row(bench, args.probe_rounds))
         finally:
             bench.close()
     if not args.no_fuzz:

@@ -216,12 +216,17 @@ class ExitHandler(socketserver.BaseRequestHandler):
         sock.sendall(response)
         log.info("session from %s (%s) opened", self.peer, self.identity)
         with self.server.session_tracking(session, init.fingerprint):
-            if defer:
-                session.defer_early(init.early)
+            try:
+                if defer:
+                    session.defer_early(init.early)
+                else:
+                    session.feed_early(init.early, self._on_open)
+                session.accept_pending(handshake.trailing_data(), self._on_open)
+            except (OSError, SockproxyError) as exc:  # early frames that do not parse
+                reason: str | None = describe(exc)
+                session.close(reason or "early data refused")
             else:
-                session.feed_early(init.early, self._on_open)
-            session.accept_pending(handshake.trailing_data(), self._on_open)
-            reason = session.read_loop(self._on_open)
+                reason = session.read_loop(self._on_open)
         log.info("session from %s (%s) ended: %s", self.peer, self.identity, reason or "closed")
         session.end()
 

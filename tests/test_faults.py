@@ -42,6 +42,7 @@ from tests.faults_support import (
     download,
     failover_scenario,
     flood_scenario,
+    kill9,
     kill_client_scenario,
     kill_destination_scenario,
     kill_server_scenario,
@@ -49,16 +50,18 @@ from tests.faults_support import (
     raise_nofile,
     raw_handshake,
     run_to_exit,
-    server_hello_size,
+    sessions_opened,
     slowloris_scenario,
     start_with_args,
     stuck_destination_scenario,
 )
+from utils.handshake import ServerPublic
 from utils.keys import (
     fingerprint_bytes,
     generate_pair,
     load_private_key,
     load_public_key,
+    load_server_public_key,
     write_pair,
 )
 from utils.socks5 import Reply
@@ -86,7 +89,7 @@ def echo() -> Iterator[TCPServer]:
 
 @pytest.mark.parametrize("target", ["local", "server"])
 def test_slowloris_is_cut_at_handshake_timeout_while_a_client_keeps_full_speed(
-    launcher: Launcher, keys: Keys, source: Source, target: str
+    launcher: Launcher, source: Source, target: str
 ) -> None:
     reason = raise_nofile(4 * SLOWLORIS_CONNECTIONS + 512)
     if reason:
@@ -97,11 +100,8 @@ def test_slowloris_is_cut_at_handshake_timeout_while_a_client_keeps_full_speed(
     assert len(lifetimes) == SLOWLORIS_CONNECTIONS
     assert min(lifetimes) >= 1.95 and max(lifetimes) <= 4.0, report.outcome()
     assert {v.how for v in report.victims} <= {"eof", "reset"}
-    # The server speaks first (its ServerHello), then never again; the local never
-    # answers a greeting that does not complete.
-    hello = server_hello_size(load_private_key(Path(keys.path("server_private"))))
-    wanted = hello if target == "server" else 0
-    assert {v.received for v in report.victims} == {wanted}
+    # Neither program says a word to a first message that does not complete.
+    assert {v.received for v in report.victims} == {0}
     assert report.during and all(d.ok for d in report.during)
     assert report.attack_speed >= report.baseline_speed / 5, report.outcome()
 
@@ -121,7 +121,7 @@ def test_max_connections_refuses_at_once_and_stays_responsive(
 # --------------------------------------------------------------------------- kill -9
 
 
-def test_kill9_server_resets_the_client_and_a_restart_takes_over(
+def test_kill9_server_resets_every_stream_and_a_restart_takes_over(
     launcher: Launcher, source: Source
 ) -> None:
     report = kill_server_scenario(launcher, source)
@@ -226,47 +226,44 @@ def _echo_once(sock: socket.socket, payload: bytes) -> bytes:
     return got
 
 
-def test_sighup_revokes_a_removed_key_and_its_tickets_but_not_live_connections(
+def _server_public(keys: Keys) -> ServerPublic:
+    return ServerPublic(*load_server_public_key(Path(keys.path("server_public"))))
+
+
+def test_sighup_ends_the_sessions_of_a_removed_key_and_refuses_it(
     launcher: Launcher, keys: Keys, echo: TCPServer
 ) -> None:
     server = launcher.server(
-        local_public_key=None, authorized_keys=_authorized(keys, "alice", "bob")
+        local_public_key=None,
+        authorized_keys=_authorized(keys, "alice", "bob"),
+        handshake_timeout=1.5,
     )
-    alice = launcher.local(server.port)
+    alice = launcher.local(server.port, handshake_timeout=2)
     bob = launcher.local(server.port, local_private_key=keys.path("other_private"))
     identity = load_private_key(Path(keys.path("local_private")))
-    server_key = load_public_key(Path(keys.path("server_public")))
-    first = raw_handshake(server.port, identity, server_key)
-    assert first is not None and first.new_ticket is not None
-    ticket = first.new_ticket
-    resumed = raw_handshake(server.port, identity, server_key, ticket)
-    assert resumed is not None and resumed.resumed  # the ticket works before the reload
+    assert raw_handshake(server.port, identity, _server_public(keys)) is not None
 
     live = socks_request(alice.port, "127.0.0.1", echo.port)
-    assert live.reply == Reply.SUCCEEDED
-    with live.sock:
+    other = socks_request(bob.port, "127.0.0.1", echo.port)
+    with live.sock, other.sock:
+        assert live.reply == other.reply == Reply.SUCCEEDED
         assert _echo_once(live.sock, b"before") == b"before"
+        assert _echo_once(other.sock, b"bob") == b"bob"
         _rewrite_keys(server.config, _authorized(keys, "bob"))
         _sighup(server, 1)
         mark = len(server.stderr())
-
+        # alice's session ended at once: her live connection is reset, not closed cleanly.
+        live.sock.settimeout(5)
+        assert read_to_end(live.sock) == (b"", "reset")
         refused = socks_request(alice.port, "127.0.0.1", echo.port)
         with refused.sock:
             assert refused.raw == GENERAL_FAILURE
-        log = server.stderr()[mark:]
-        assert "unknown or expired resumption ticket" in log  # alice's local tried its ticket
-        assert "unknown local key" in log  # then a full handshake
-        assert raw_handshake(server.port, identity, server_key, ticket) is None
-        assert raw_handshake(server.port, identity, server_key) is None
-
-        other = socks_request(bob.port, "127.0.0.1", echo.port)
-        with other.sock:
-            assert other.reply == Reply.SUCCEEDED
-            assert _echo_once(other.sock, b"bob") == b"bob"
-        # alice's live connection still works, and ends cleanly
-        assert _echo_once(live.sock, b"after the reload") == b"after the reload"
-        live.sock.shutdown(socket.SHUT_WR)
-        assert read_to_end(live.sock) == (b"", "eof")
+        assert "unknown local key" in server.stderr()[mark:]  # her local tried a new session
+        assert raw_handshake(server.port, identity, _server_public(keys)) is None
+        # bob's session, live connection included, carries on.
+        assert _echo_once(other.sock, b"after the reload") == b"after the reload"
+        other.sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(other.sock) == (b"", "eof")
 
     _rewrite_keys(server.config, _authorized(keys, "alice", "bob"))
     _sighup(server, 2)
@@ -276,23 +273,53 @@ def test_sighup_revokes_a_removed_key_and_its_tickets_but_not_live_connections(
         assert _echo_once(again.sock, b"back") == b"back"
 
 
-def test_sighup_key_rotation_revokes_the_old_keys_tickets(
-    launcher: Launcher, keys: Keys, tmp_path: Path
+def test_sighup_key_rotation_refuses_the_old_key_and_ends_its_session(
+    launcher: Launcher, keys: Keys, tmp_path: Path, echo: TCPServer
 ) -> None:
     new_key = generate_pair(2048)
     write_pair(tmp_path, "alice_new", new_key, force=False)
-    server = launcher.server(local_public_key=None, authorized_keys=_authorized(keys, "alice"))
-    stolen = load_private_key(Path(keys.path("local_private")))
-    server_key = load_public_key(Path(keys.path("server_public")))
-    first = raw_handshake(server.port, stolen, server_key)
-    assert first is not None and first.new_ticket is not None
-    entries = [{"name": "alice", "public_key": str(tmp_path / "alice_new_public.pem")}]
-    _rewrite_keys(server.config, entries)
-    _sighup(server, 1)
-    assert raw_handshake(server.port, stolen, server_key) is None  # the old key is refused
-    assert raw_handshake(server.port, new_key, server_key) is not None  # the new one works
-    # ...and so must be every ticket the old key got.
-    assert raw_handshake(server.port, stolen, server_key, first.new_ticket) is None
+    server = launcher.server(
+        local_public_key=None, authorized_keys=_authorized(keys, "alice"), handshake_timeout=1.5
+    )
+    stolen = launcher.local(server.port)  # the old key, in a thief's hands
+    live = socks_request(stolen.port, "127.0.0.1", echo.port)
+    with live.sock:
+        assert _echo_once(live.sock, b"stolen") == b"stolen"
+        entries = [{"name": "alice", "public_key": str(tmp_path / "alice_new_public.pem")}]
+        _rewrite_keys(server.config, entries)
+        _sighup(server, 1)
+        live.sock.settimeout(5)
+        assert read_to_end(live.sock) == (b"", "reset")  # the thief's session is over
+    old_key = load_private_key(Path(keys.path("local_private")))
+    assert raw_handshake(server.port, old_key, _server_public(keys)) is None
+    assert raw_handshake(server.port, new_key, _server_public(keys)) is not None
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
+def test_server_restart_under_an_idle_session_fails_no_request(
+    launcher: Launcher, source: Source, how: str
+) -> None:
+    """Honest mode: the local notices the dead session (or learns it from the first stream
+    it opens there) and asks again on a fresh session; no client sees a failure."""
+    config = launcher.server_config()
+    server = launcher.start("server.py", config, "server_port")
+    server.wait_ready()
+    local = launcher.local(server.port)
+    assert download(local.port, source.port, 100_000).ok  # a live session, idle now
+    if how == "SIGTERM":
+        assert server.stop() == 0
+        launcher.programs.remove(server)
+    else:
+        kill9(launcher, server)
+    restarted = launcher.start("server.py", config, "server_port")
+    restarted.wait_ready()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: download(local.port, source.port, 100_000), range(8)))
+    assert all(got.ok for got in results), [str(got) for got in results if not got.ok]
+    assert sessions_opened(restarted) == 1  # one fresh session took them all
 
 
 # --------------------------------------------------------------------------- SIGUSR1
@@ -310,7 +337,7 @@ def test_sigusr1_logs_live_connections_with_client_target_and_bytes(
         client = rf"127\.0\.0\.1:{transfer.client_port}"
         target = rf"127\.0\.0\.1:{source.port}"
         local_live = re.compile(rf"live: {client} -> {target} up=(\d+) down=(\d+) ")
-        server_live = re.compile(rf"live: \S+ \(local_public(?: resumed)?\) -> {target} up=8 down=")
+        server_live = re.compile(rf"live: \S+ \(local_public\) -> {target} up=8 down=")
         assert wait_for(lambda: bool(local_live.search(local.stderr())), 5), local.stderr()
         match = local_live.search(local.stderr())
         assert match is not None
@@ -417,7 +444,11 @@ def test_passphrase_protected_keys_and_no_secret_in_any_log(
 # --------------------------------------------------------------------------- what a wiretap sees
 
 
-def test_wiretap_sees_no_payload_target_or_password_but_fingerprint_and_ticket_id(
+def _windows(data: bytes, size: int = 12) -> set[bytes]:
+    return {data[i : i + size] for i in range(len(data) - size + 1)}
+
+
+def test_wiretap_sees_no_payload_target_password_or_identity(
     launcher: Launcher, keys: Keys, source: Source
 ) -> None:
     """What docs/SECURITY.md says an observer between local and server gets, and not."""
@@ -426,31 +457,35 @@ def test_wiretap_sees_no_payload_target_or_password_but_fingerprint_and_ticket_i
     tap = Wiretap(server.port)
     try:
         local = launcher.local(tap.port, auth=True, username="alice", password=password)
+        single = launcher.local(tap.port, resumption_lifetime=0)  # a session per connection
         size = 1 << 20
-        for _ in range(3):  # a full handshake, then two resumed ones
+        for _ in range(3):
             got = download(local.port, source.port, size, "localhost", ("alice", password))
             assert got.ok, got
+        for _ in range(2):
+            assert download(single.port, source.port, 1000).ok
     finally:
         tap.close()
+    # The first local's three downloads share one session (one TCP connection to the
+    # server); the second local's two have one each.
     assert len(tap.links) == 3
     wire = b"".join(bytes(up) + bytes(down) for up, down in tap.links)
-    # Hidden: the payload, the target name and port, the SOCKS credentials.
+    # Hidden: the payload, the target name and port, the SOCKS credentials...
     for offset in range(0, size - 32, 4099):
         assert pattern_at(offset, 32) not in wire
     target = f"localhost:{source.port}".encode()
     for secret in (b"localhost", target, password.encode(), b"alice"):
         assert secret not in wire
-    # Visible: the server speaks first, a ServerHello of fixed size (type 1, version 1)...
-    hello = server_hello_size(load_private_key(Path(keys.path("server_private"))))
-    for _, down in tap.links:
-        assert down[:4] == (hello - 2).to_bytes(2, "big") + b"\x01\x01"
-    # ...the local key's fingerprint in the clear in the full ClientHello...
-    fingerprint = fingerprint_bytes(load_public_key(Path(keys.path("local_public"))))
-    full_up = bytes(tap.links[0][0])
-    assert full_up[2] == 0x02 and full_up[3 + 32 : 3 + 64] == fingerprint
-    # ...the same ticket id in the clear in both resumptions (it links them)...
-    ids = {bytes(up[3:19]) for up, _ in tap.links[1:]}
-    assert all(up[2] == 0x06 for up, _ in tap.links[1:]) and len(ids) == 1
-    # ...and the sizes: 1 MiB of payload costs 64/50 of it in cells, plus the record overhead.
-    down_bytes = len(tap.links[1][1])
-    assert size * 64 / 50 < down_bytes < size * 64 / 50 * 1.01 + 4096
+    # ...and who connects: no key fingerprint, no static key in the clear.
+    for name in ("local_public", "server_public"):
+        assert fingerprint_bytes(load_public_key(Path(keys.path(name)))) not in wire
+    assert load_server_public_key(Path(keys.path("server_public")))[1] not in wire
+    # No byte string is shared between the first bytes of two sessions, either direction.
+    starts = [(bytes(up[:512]), bytes(down[:512])) for up, down in tap.links]
+    for i, first in enumerate(starts):
+        for second in starts[i + 1 :]:
+            for a, b in zip(first, second, strict=True):
+                assert not _windows(a) & _windows(b)
+    # The sizes show: 3 MiB of payload costs 64/50 of it in cells, plus the records.
+    down_bytes = len(tap.links[0][1])
+    assert 3 * size * 64 / 50 < down_bytes < 3 * size * 64 / 50 * 1.01 + 8192

@@ -280,6 +280,8 @@ class Session:
             reason = "session timeout"
         except (OSError, SockproxyError) as exc:
             reason = str(exc) if isinstance(exc, SockproxyError) else type(exc).__name__
+        if reason is None:
+            self.end()  # the peer ended cleanly: answer with our own end-of-stream record
         self._fail(reason or "session ended")
         return reason
 
