@@ -779,11 +779,16 @@ class ProbeResult:
     ended: str = ""  # "eof", "reset" or "timeout"
 
 
-def probe(port: int, name: str, data: bytes, half_close: bool, timeout: float) -> ProbeResult:
-    """Connect, send ``data`` (then a FIN if ``half_close``), read until the server closes."""
+def probe(
+    port: int, name: str, data: bytes, half_close: bool, timeout: float, source: str = "127.0.0.1"
+) -> ProbeResult:
+    """Connect (from ``source``), send ``data`` (then a FIN if ``half_close``), read until
+    the server closes."""
     result = ProbeResult(name, len(data), half_close)
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    ) as sock:
         try:
             if data:
                 sock.sendall(data)
