@@ -8,12 +8,13 @@ a correct prefix of what was sent: never a wrong byte, and never a complete-look
 (full length and a clean EOF) in a direction that was tampered with before its end.
 
 The units (protocol v2, docs/PROTOCOL.md): the ClientInit, the early OPEN inside it, the
-ServerResponse, the server's first two records (the REPLY, then the first data record),
-a data record, a WINDOW frame, the EOF frames and the sessions' end-of-stream records, in
-both directions; and on a warm session (the next connection on a live session) the OPEN
-and the REPLY records. The cases run concurrently on eight "lanes" (a relay and a local
-each: seven make a session per connection, one keeps its session; one server for all; a destination per case) in a module
-fixture, since many wait out a timeout; each parametrized test then checks its own case.
+ServerResponse, the server's first two records (the REPLY, then the first data record), a
+data record, a WINDOW frame, the EOF frames and the sessions' end-of-stream records, in both
+directions; and on a warm session (the next connection on a live session) the OPEN and the
+REPLY records. The cases run concurrently on eight "lanes" (a relay and a local each: seven
+make a session per connection, one keeps its session; one server for all; a destination per
+case) in a module fixture, since many wait out a timeout; each parametrized test then checks
+its own case.
 
 Then: recorded sessions replayed (to the same server: silence; after a restart: a
 ServerResponse but nothing acted on), the stranger's probes (no byte back, closed at
