@@ -15,6 +15,9 @@ except ModuleNotFoundError as missing:
     from utils.requirements import exit_missing
 
     exit_missing(missing)
+except KeyboardInterrupt:  # SIGINT while still loading: a stop, not a crash
+    sys.stderr.write("local.py: stopped before it started\n")
+    sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,9 @@ except ModuleNotFoundError as missing:
     from utils.requirements import exit_missing
 
     exit_missing(missing)
+except KeyboardInterrupt:  # SIGINT while still loading: a stop, not a crash
+    sys.stderr.write("server.py: stopped before it started\n")
+    sys.exit(0)
 
 log = logging.getLogger("sockproxy.server")
 

@@ -58,6 +58,11 @@ class LocalServer(ProxyServer):
             (config.address, config.port), LocalHandler, config.whitelist, config.max_connections
         )
 
+    def abort_all(self, reason: str, grace: float = 3.0) -> None:
+        """Reset every live connection, then end the sessions cleanly."""
+        super().abort_all(reason, grace)
+        self.connector.end_all()
+
 
 class LocalHandler(TunnelHandler):
     server: LocalServer

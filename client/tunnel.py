@@ -312,12 +312,12 @@ class Connector:
             for live in sessions:
                 live.keepalive(now)
 
-    def close_all(self, reason: str) -> None:
-        """On stop: end every session (their streams are reset)."""
+    def end_all(self) -> None:
+        """On stop, after the streams were reset: end every session cleanly."""
         with self._lock:
             sessions, self._sessions = self._sessions, []
         for live in sessions:
-            live.session.close(reason)
+            live.session.end()
 
 
 def _check_late_reply(stream: Stream, body: bytes) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need (a virtualenv with
 # requirements-dev.txt; curl from Debian's packages if it is missing), then runs pytest
-# (unit, property, lint and loopback integration tests). Extra arguments go to pytest.
+# (unit, property, lint and loopback integration tests), three test files at a time. Extra
+# arguments go to pytest (then run serially unless they say -n).
 #
 # With no arguments it then runs the portability leg: the fast tests that cover every module
 # and the real programs (PORTABLE_TESTS) under Python 3.10 (Ubuntu 22.04's python3) and 3.13
@@ -29,7 +30,8 @@ if [ $# -gt 0 ] || [ "${SKIP_OTHER_PYTHONS:-0}" = 1 ]; then
     exec .venv/bin/python -m pytest "$@"
 fi
 status=0
-.venv/bin/python -m pytest || status=$?
+# Three workers, a test file each (module fixtures stay whole): see requirements-dev.txt.
+.venv/bin/python -m pytest -n 3 --dist loadfile || status=$?
 
 # The two legs run side by side (each pytest uses one core); their output follows in turn.
 legs=()

@@ -164,11 +164,14 @@ class ExitServer(ProxyServer):
             with self._sessions_lock:
                 del self._sessions[id(session)]
 
-    def close_sessions(self, reason: str) -> None:
+    def abort_all(self, reason: str, grace: float = 3.0) -> None:
+        """Reset every live stream, then end each session cleanly (its end-of-stream
+        record), so that a local tells a stop from a cut."""
+        super().abort_all(reason, grace)
         with self._sessions_lock:
             sessions = [session for session, _ in self._sessions.values()]
         for session in sessions:
-            session.close(reason)
+            session.end()
 
 
 class ExitHandler(socketserver.BaseRequestHandler):

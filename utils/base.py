@@ -113,7 +113,7 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
         readable, _, _ = select.select([sock], [], [], timeout)
         return bool(readable)
     poller = poll()
-    poller.register(sock, select.POLLIN)
+    poller.register(sock, getattr(select, "POLLIN", 1))
     return bool(poller.poll(timeout * 1000))
 
 
