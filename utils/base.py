@@ -117,6 +117,22 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
+# Where send() can be told not to wait (not on Windows, which then always takes the writer
+# thread's path).
+NON_BLOCKING_SEND = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def wait_writable(sock: socket.socket) -> bool:
+    """Whether ``sock`` takes bytes right now (a zero-timeout poll)."""
+    poll = getattr(select, "poll", None)
+    if poll is None:
+        _, writable, _ = select.select([], [sock], [], 0)
+        return bool(writable)
+    poller = poll()
+    poller.register(sock, getattr(select, "POLLOUT", 4))
+    return bool(poller.poll(0))
+
+
 @dataclass
 class Relay:
     """Both directions between ``plain`` and a stream until both have ended."""
@@ -133,6 +149,8 @@ class Relay:
     def run(self, pending: bytes = b"") -> str | None:
         """Relay until done; return None on a clean end, else the reason it failed."""
         self.plain.settimeout(self.idle_timeout)  # for sendall towards a slow reader
+        if NON_BLOCKING_SEND:
+            self.stream.write_through(self._write_now)
         upstream = Completion(self._guard, self._pump_up, pending)
         self._guard(self._pump_down)
         upstream.join()
@@ -170,6 +188,18 @@ class Relay:
             self.to_channel += len(data)
         self._check_not_aborted()
         self.stream.send_end()
+
+    def _write_now(self, data: bytes) -> int:
+        """For the session's reader: what the plain socket takes at once (never waits)."""
+        if not wait_writable(self.plain):
+            return 0
+        try:
+            written = self.plain.send(data, NON_BLOCKING_SEND)
+        except BlockingIOError:
+            return 0
+        self.to_plain += written
+        self._last_activity = time.monotonic()
+        return written
 
     def _read_plain(self, size: int) -> bytes:
         if not wait_readable(self.plain, POLL_INTERVAL):

@@ -169,7 +169,7 @@ class ServerConfig:
     max_connections: int
     resumption_lifetime: float
     block_private: bool = False
-    max_connections_per_key: int = 512
+    max_connections_per_key: int = 1024
     max_udp_associations_per_key: int = 64
 
     def destination_allowed(
@@ -655,7 +655,7 @@ def load_server_config(path: Path, passphrase: bytes | None = None) -> ServerCon
     if block_private:
         deny += PRIVATE_DESTINATIONS
     timeouts, max_connections, lifetime = _common(f)
-    per_key = _int(f, "max_connections_per_key", 1, default=512)
+    per_key = _int(f, "max_connections_per_key", 1, default=1024)
     udp_per_key = _int(f, "max_udp_associations_per_key", 1, default=64)
     authorized = _authorized_keys(f)
     private_key = _private_key(f, "server_private_key", passphrase)

@@ -22,7 +22,7 @@ _HEADER = struct.Struct(">BIH")
 HEADER_SIZE = _HEADER.size
 MAX_FRAME_BODY = 65535
 MAX_DATA_FRAME = 16384
-INITIAL_WINDOW = 512 * 1024  # bytes a sender may have in flight per stream and direction
+INITIAL_WINDOW = 1024 * 1024  # bytes a sender may have in flight per stream and direction
 MAX_STREAM_ID = 2**32 - 1
 SESSION_STREAM = 0
 PING_SIZE = 8
@@ -122,23 +122,35 @@ class FrameDecoder:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buffer += data
-        frames = []
+        if self._buffer:
+            self._buffer += data
+            source: bytes | bytearray = self._buffer
+        else:
+            source = data  # the common case (frames end with records): no copy into a buffer
+        frames: list[Frame] = []
+        with memoryview(source) as view:
+            position = self._split(view, frames)
+            rest = bytes(view[position:])
+        self._buffer = bytearray(rest)
+        return frames
+
+    @staticmethod
+    def _split(view: memoryview, frames: list[Frame]) -> int:
+        """Append every whole frame in ``view``; return how many bytes they took."""
         position = 0
-        while len(self._buffer) - position >= HEADER_SIZE:
-            raw_kind, stream, length = _HEADER.unpack_from(self._buffer, position)
+        while len(view) - position >= HEADER_SIZE:
+            raw_kind, stream, length = _HEADER.unpack_from(view, position)
             try:
                 kind = FrameType(raw_kind)
             except ValueError:
                 raise ProtocolError(f"unknown frame type {raw_kind:#04x}") from None
             _check(kind, stream, length)
             end = position + HEADER_SIZE + length
-            if len(self._buffer) < end:
+            if len(view) < end:
                 break
-            frames.append(Frame(kind, stream, bytes(self._buffer[position + HEADER_SIZE : end])))
+            frames.append(Frame(kind, stream, bytes(view[position + HEADER_SIZE : end])))
             position = end
-        del self._buffer[:position]
-        return frames
+        return position
 
     @property
     def pending(self) -> int:

@@ -21,7 +21,6 @@ from utils.cells import RecordOpener, RecordSealer
 from utils.errors import ChannelError, ProtocolError, SockproxyError
 from utils.handshake import SessionKeys
 from utils.mux import (
-    MAX_DATA_FRAME,
     PING_SIZE,
     Frame,
     FrameDecoder,
@@ -63,6 +62,9 @@ class Stream:
         self._ended = False
         self._reset: str | None = None
         self._reply: bytes | None = None
+        self._direct: Callable[[bytes], int] | None = None
+        self._writing = False  # the stream's writer thread is handing bytes on
+        self._grant = 0  # window the reader thread has freed and not yet announced
         self.timeout = DEFAULT_TIMEOUT  # for the callers that give none
         self._on_reply: Callable[[bytes], None] | None = None
 
@@ -72,7 +74,9 @@ class Stream:
         with self._cond:
             if kind is FrameType.DATA:
                 self._receive_window.received(len(frame.body))
-                self._inbox.append(frame.body)
+                body = self._write_through(frame.body)
+                if body:
+                    self._inbox.append(body)
             elif kind is FrameType.WINDOW:
                 self._send_window.grant(window_increment(frame))
             elif kind is FrameType.EOF:
@@ -81,9 +85,36 @@ class Stream:
                 self._mark_reset("reset by the peer")
             elif kind is FrameType.REPLY:
                 self._reply = frame.body
-            self._cond.notify_all()
+            if kind is not FrameType.DATA or self._inbox:
+                self._cond.notify_all()  # (not for bytes already handed on)
         if kind is FrameType.REPLY and self._on_reply is not None:
             self._on_reply(frame.body)
+        if self._grant:
+            self._announce_grant()
+
+    def write_through(self, write: Callable[[bytes], int]) -> None:
+        """Let the reader thread hand DATA on itself with ``write`` (which never blocks and
+        returns how much it took) while nothing is queued: one thread hand-off less per
+        record. The writer thread takes the rest, in order."""
+        with self._cond:
+            self._direct = write
+
+    def _write_through(self, body: bytes) -> bytes:
+        """Under the lock: what is left of ``body`` after a direct write (if allowed)."""
+        if self._direct is None or self._inbox or self._writing or self._reset is not None:
+            return body
+        try:
+            written = self._direct(body)
+        except OSError:
+            return body  # the writer thread will meet the error and report it
+        self._grant += self._receive_window.consumed(written)
+        return body[written:]
+
+    def _announce_grant(self) -> None:
+        with self._cond:
+            increment, self._grant = self._grant, 0
+        if increment and self._reset is None:
+            self.session.send_later(window_frame(self.id, increment))
 
     def watch_reply(self, callback: Callable[[bytes], None]) -> None:
         """Fast open: ``callback`` gets the REPLY when it comes (at once if it already has)."""
@@ -137,7 +168,7 @@ class Stream:
                 ):
                     raise TimeoutError("the peer granted no window")
                 self._raise_if_reset()
-                granted = self._send_window.take(min(len(view), 4 * MAX_DATA_FRAME))
+                granted = self._send_window.take(len(view))
             self.session.send(data_frames(self.id, view[:granted]))
             view = view[granted:]
 
@@ -146,6 +177,7 @@ class Stream:
         Call ``consumed`` after handing the bytes on, to reopen the window."""
         timeout = self.timeout if timeout is None else timeout
         with self._cond:
+            self._writing = False
             if not self._cond.wait_for(
                 lambda: self._inbox or self._peer_ended or self._reset, timeout
             ):
@@ -153,6 +185,7 @@ class Stream:
             if self._inbox:
                 chunks = list(self._inbox)
                 self._inbox.clear()
+                self._writing = True  # until the next receive(): no direct writes meanwhile
                 return chunks
             self._raise_if_reset()
             return []
