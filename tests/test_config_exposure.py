@@ -105,7 +105,7 @@ def test_safe_local_listeners_load(
 def test_per_key_limits_have_defaults_and_are_checked(keys: Keys, launcher: Launcher) -> None:
     path = launcher.write_config("server", launcher.server_config())
     config = load_server_config(path)
-    assert (config.max_connections_per_key, config.max_udp_associations_per_key) == (512, 64)
+    assert (config.max_connections_per_key, config.max_udp_associations_per_key) == (1024, 64)
     for field, bad in (("max_connections_per_key", 0), ("max_udp_associations_per_key", "8")):
         path = launcher.write_config("server", launcher.server_config(**{field: bad}))
         with pytest.raises(ConfigError, match=f'field "{field}": expected an integer >= 1'):
