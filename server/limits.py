@@ -1,8 +1,9 @@
 """How many tunnels one key may hold at once (thread-safe counters, by key name).
 
 Every tunnel counts against ``max_connections_per_key``; a UDP association counts against
-``max_udp_associations_per_key`` as well. The defaults (1024, what one local with its default max_connections can ask for, and 64) are far above what one
-person's browser uses, so only a runaway or abusive key meets them.
+``max_udp_associations_per_key`` as well. The defaults (1024, what one local with its
+default max_connections can ask for, and 64) are far above what one person's browser uses,
+so only a runaway or abusive key meets them.
 """
 
 from __future__ import annotations

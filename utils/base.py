@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from utils.cells import MAX_RECORD_PAYLOAD
 from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
 from utils.events import event
+from utils.mux import MAX_RECORD_DATA
 from utils.platform_support import exclusive_bind_option
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
@@ -181,7 +181,7 @@ class Relay:
         if pending:
             self.stream.send(pending, self.idle_timeout)
             self.to_channel += len(pending)
-        read_size = ReadSize(MAX_RECORD_PAYLOAD)
+        read_size = ReadSize(MAX_RECORD_DATA)
         while data := self._wait(lambda: self._read_plain(read_size.size)):
             read_size.update(len(data))
             self.stream.send(data, self.idle_timeout)

@@ -16,6 +16,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from utils.cells import MAX_RECORD_PAYLOAD
 from utils.errors import ProtocolError
 
 _HEADER = struct.Struct(">BIH")
@@ -27,6 +28,9 @@ MAX_STREAM_ID = 2**32 - 1
 SESSION_STREAM = 0
 PING_SIZE = 8
 _WINDOW = struct.Struct(">I")
+# The most stream bytes whose DATA frames fill one record exactly: a relay reads at most this
+# much at a time, so a bulk read is one record, not a full one and a 49-byte one.
+MAX_RECORD_DATA = MAX_RECORD_PAYLOAD - HEADER_SIZE * -(-MAX_RECORD_PAYLOAD // MAX_DATA_FRAME)
 
 
 class FrameType(enum.IntEnum):
