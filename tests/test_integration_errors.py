@@ -170,7 +170,7 @@ def test_help_and_version_exit_0(script: str) -> None:
     assert help_out.startswith(f"usage: {script}")
     assert "--config" in help_out
     assert "--log-level" in help_out
-    assert results["--version"][0].decode() == f"{script} 1.0.0\n"
+    assert results["--version"][0].decode() == f"{script} 2.0.0\n"
     assert results["--help"][1] == results["--version"][1] == b""
 
 

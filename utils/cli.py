@@ -34,7 +34,7 @@ from utils.platform_support import (
     stop_signals,
 )
 
-VERSION = "1.0.0"
+VERSION = "2.0.0"  # the wire is protocol version 2 (docs/PROTOCOL.md)
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
