@@ -22,6 +22,7 @@ from utils.httpconnect import (
     looks_like_http,
     parse_head,
     response_for_reply,
+    status_for_reply,
 )
 from utils.httpproxy import error_response, is_connect
 from utils.socks4 import SOCKS4_VERSION
@@ -243,4 +244,12 @@ def _socks_answer(reply: Reply, bind: Address | None) -> bytes:
 
 
 def _http_answer(reply: Reply, _bind: Address | None) -> bytes:
-    return response_for_reply(reply)
+    """200, or the failure as a status with a one-line body that names it."""
+    if reply == Reply.SUCCEEDED:
+        return response_for_reply(reply)
+    status, reason = status_for_reply(reply)
+    if reply == Reply.GENERAL_FAILURE:
+        text = "tunnel to the sockproxy server failed (see the local's log)"
+    else:
+        text = f"the sockproxy server could not connect: {reply.name.lower().replace('_', ' ')}"
+    return error_response(status, reason, text)

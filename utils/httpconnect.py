@@ -111,7 +111,11 @@ def response(status: int, reason: str, *, ask_for_auth: bool = False) -> bytes:
     return (headers + "\r\n").encode("ascii")
 
 
+def status_for_reply(reply: Reply) -> tuple[int, str]:
+    """The HTTP status that says what the SOCKS REP code says."""
+    return _STATUS_FOR_REPLY.get(reply, (502, "Bad Gateway"))
+
+
 def response_for_reply(reply: Reply) -> bytes:
-    """The HTTP answer that says what the SOCKS REP code says."""
-    status, reason = _STATUS_FOR_REPLY.get(reply, (502, "Bad Gateway"))
-    return response(status, reason)
+    """The HTTP answer that says what the SOCKS REP code says (no body)."""
+    return response(*status_for_reply(reply))

@@ -193,6 +193,11 @@ def _connect(conv: _Conversation, target: Target) -> None:
     conv.sock.sendall(build_request(Request(CMD_CONNECT, target.address)))
     reply, _bind, consumed = conv.receive(parse_reply)
     conv.consume(consumed)
+    if reply == Reply.GENERAL_FAILURE:
+        raise ClientError(
+            "the proxy failed (general failure): the tunnel to the sockproxy server failed "
+            "or the server refused the request; the local's log says which"
+        )
     if reply != Reply.SUCCEEDED:
         raise ClientError(f"the proxy could not connect to {target.address}: {reply_text(reply)}")
 
