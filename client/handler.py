@@ -11,7 +11,7 @@ from client.httpforward import HttpForwarder, read_head
 from client.socks4 import serve_socks4
 from client.tunnel import Connector
 from client.udp import LocalAssociation
-from utils.base import AccessRecord, ProxyServer, TunnelHandler, wait_readable
+from utils.base import AccessRecord, ProxyServer, TunnelHandler
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig
 from utils.errors import AuthenticationError, Socks5Error
@@ -25,6 +25,7 @@ from utils.httpconnect import (
     status_for_reply,
 )
 from utils.httpproxy import error_response, is_connect
+from utils.platform_support import wait_readable
 from utils.socks4 import SOCKS4_VERSION
 from utils.socks5 import (
     CMD_CONNECT,
@@ -118,7 +119,7 @@ class LocalHandler(TunnelHandler):
         """The client has its answer already: send its first bytes with the request, so the
         first response byte comes one round trip to the server later. A destination that
         cannot be reached then shows as a reset of the client's connection, not a REP code."""
-        if not pending and wait_readable(client, FAST_OPEN_WAIT):
+        if not pending and wait_readable(client, FAST_OPEN_WAIT, None):
             pending = client.recv(MAX_EARLY_DATA - 512)  # b"" (an EOF) reappears in the relay
         stream, _, _ = self.server.connector.open(request, deadline, early=pending, wait=False)
         self.relay(client, stream, record)

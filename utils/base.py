@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import socketserver
 import struct
@@ -28,7 +27,7 @@ from utils.config import Whitelist
 from utils.errors import SockproxyError
 from utils.events import event
 from utils.mux import MAX_RECORD_DATA
-from utils.platform_support import exclusive_bind_option
+from utils.platform_support import exclusive_bind_option, wait_readable, wait_writable
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
 from utils.workers import WORKERS, Completion
@@ -101,36 +100,9 @@ class _Aborted(Exception):
 POLL_INTERVAL = 1.0  # how often a reader blocked on a quiet plain socket checks for an abort
 
 
-def wait_readable(sock: socket.socket, timeout: float) -> bool:
-    """Whether ``sock`` has something to read (data, EOF or an error) within ``timeout``.
-
-    A short wait before each read lets a relay notice an abort even where shutdown() from
-    another thread does not wake a blocked recv (Windows). poll() has no FD_SETSIZE limit;
-    select() is the fallback where poll() is missing (Windows, whose select has none).
-    """
-    poll = getattr(select, "poll", None)
-    if poll is None:
-        readable, _, _ = select.select([sock], [], [], timeout)
-        return bool(readable)
-    poller = poll()
-    poller.register(sock, getattr(select, "POLLIN", 1))
-    return bool(poller.poll(timeout * 1000))
-
-
 # Where send() can be told not to wait (not on Windows, which then always takes the writer
 # thread's path).
 NON_BLOCKING_SEND = getattr(socket, "MSG_DONTWAIT", 0)
-
-
-def wait_writable(sock: socket.socket) -> bool:
-    """Whether ``sock`` takes bytes right now (a zero-timeout poll)."""
-    poll = getattr(select, "poll", None)
-    if poll is None:
-        _, writable, _ = select.select([], [sock], [], 0)
-        return bool(writable)
-    poller = poll()
-    poller.register(sock, getattr(select, "POLLOUT", 4))
-    return bool(poller.poll(0))
 
 
 @dataclass
@@ -202,7 +174,7 @@ class Relay:
         return written
 
     def _read_plain(self, size: int) -> bytes:
-        if not wait_readable(self.plain, POLL_INTERVAL):
+        if not wait_readable(self.plain, POLL_INTERVAL, None):
             raise TimeoutError("nothing to read yet")
         return self.plain.recv(size)
 

@@ -32,6 +32,7 @@ __all__ = [
     "set_file_mode",
     "stop_signals",
     "wait_readable",
+    "wait_writable",
 ]
 
 log = logging.getLogger("sockproxy")
@@ -189,12 +190,38 @@ def wait_readable(sock: socket.socket, timeout: float | None, stop: Stop = None)
         if sock.fileno() < 0:
             return True
         try:
-            readable, _, _ = select.select([sock], [], [], slice_)
+            if _ready(sock, _POLLIN, slice_):
+                return True
         except (OSError, ValueError):
             return True
-        if readable:
-            return True
     return False
+
+
+_POLLIN = getattr(select, "POLLIN", 1)
+_POLLOUT = getattr(select, "POLLOUT", 4)
+
+
+def _ready(sock: socket.socket, events: int, seconds: float) -> bool:
+    """One wait for ``events``: poll() where it exists (no FD_SETSIZE limit: a proxy holds
+    thousands of sockets), select() elsewhere (Windows, whose select has no such limit)."""
+    poll = getattr(select, "poll", None)
+    if poll is not None:
+        poller = poll()
+        poller.register(sock, events)
+        return bool(poller.poll(seconds * 1000))
+    lists: tuple[list[socket.socket], list[socket.socket]] = (
+        ([sock], []) if events == _POLLIN else ([], [sock])
+    )
+    readable, writable, _ = select.select(lists[0], lists[1], [], seconds)
+    return bool(readable or writable)
+
+
+def wait_writable(sock: socket.socket) -> bool:
+    """Whether ``sock`` takes bytes right now (never waits)."""
+    try:
+        return _ready(sock, _POLLOUT, 0)
+    except (OSError, ValueError):
+        return False
 
 
 def _stop_check(stop: Stop) -> Callable[[], bool]:
