@@ -36,7 +36,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,7 +55,7 @@ from bench.peers import (
     start_sockproxy_local,
     start_sockproxy_server,
 )
-from bench.procs import PeerError, Proc, Processes, log
+from bench.procs import PeerError, Proc, Processes, git_revision, log
 from client.tunnel import KEEPALIVE_INTERVAL
 from server.handler import SESSION_TIMEOUT
 from utils.cells import RecordSealer
@@ -333,18 +332,6 @@ def render(rows: list[list[str]]) -> list[str]:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
-
-
-def git_revision() -> str:
-    result = subprocess.run(
-        ["git", "describe", "--always", "--dirty"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return result.stdout.strip() or "?"
 
 
 def state_table(run: Run) -> list[str]:

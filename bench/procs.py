@@ -256,3 +256,16 @@ def install_apt_peers() -> None:
         run_to_stderr([*sudo, "apt-get", "update"], env)
         if not run_to_stderr(install, env):
             log("apt-get install failed: the missing peers will be skipped")
+
+
+def git_revision() -> str:
+    """``git describe --always --dirty`` of this checkout, or "?"."""
+    result = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return result.stdout.strip() or "?"

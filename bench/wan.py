@@ -73,7 +73,15 @@ from bench.peers import (
     start_ss,
     start_ssh,
 )
-from bench.procs import PeerError, Proc, Processes, free_ports, install_apt_peers, log
+from bench.procs import (
+    PeerError,
+    Proc,
+    Processes,
+    free_ports,
+    git_revision,
+    install_apt_peers,
+    log,
+)
 from bench.procs import wait_for_port as wait_listening
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,17 +407,9 @@ def problems(results: list[tuple[float, System, Figures]]) -> list[str]:
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
-    git = subprocess.run(
-        ["git", "describe", "--always", "--dirty"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git": git.stdout.strip() or "?",
+        "git": git_revision(),
         "nproc": os.cpu_count(),
         "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "python": platform.python_version(),

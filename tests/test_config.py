@@ -728,9 +728,13 @@ def test_destination_rule_matches_property(
     bits = network.max_prefixlen - network.prefixlen
     in_ports = low <= port <= high
     for peer in (peer4, peer6, network.network_address, network.broadcast_address):
-        same = (
-            peer.version == network.version
-            and int(peer) >> bits == int(network.network_address) >> bits
+        # An IPv4-mapped IPv6 address is also its IPv4 address (as the kernel treats it).
+        mapped = peer.ipv4_mapped if isinstance(peer, ipaddress.IPv6Address) else None
+        same = any(
+            view.version == network.version
+            and int(view) >> bits == int(network.network_address) >> bits
+            for view in (peer, mapped)
+            if view is not None
         )
         assert rule.matches(peer, port) is (same and in_ports)
     if network.version == 4:  # the IPv4-mapped form of an IPv4 address matches an IPv4 rule

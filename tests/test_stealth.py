@@ -130,6 +130,10 @@ def test_every_byte_position_looks_uniformly_random(
     assert len(prefixes) >= CONNECTIONS
     samples = np.frombuffer(b"".join(prefixes), np.uint8).reshape(len(prefixes), PREFIX)
     chi, top = chi_square_per_position(samples)
+    print(
+        f"\n{direction}: {len(prefixes)} connections, chi-square max {chi.max():.1f} "
+        f"(mean {chi.mean():.1f}, limit {CHI_SQUARE_LIMIT}), most common value {top.max()}x"
+    )
     assert chi.max() < CHI_SQUARE_LIMIT, (int(chi.argmax()), float(chi.max()))
     assert top.max() < DOMINANT_COUNT, (int(top.argmax()), int(top.max()))
 
