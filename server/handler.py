@@ -78,29 +78,19 @@ def _why(exc: BaseException) -> str:
 
 def _stay_silent(sock: socket.socket, deadline: Deadline) -> None:
     """Read and discard until the handshake deadline, then let the caller close: the
-    peer sees the same silence and the same moment of closing whatever it sent."""
-    while True:
-        try:
-            left = deadline.remaining()
-        except TimeoutError:
-            return
-        try:
-            sock.settimeout(left)
-            if not sock.recv(65536):
-                time.sleep(max(left, 0))  # an EOF must not close the connection earlier
-                return
-        except TimeoutError:
-            return
-        except OSError:
-            time.sleep(max(deadline_left(deadline), 0))
-            return
-
-
-def deadline_left(deadline: Deadline) -> float:
+    peer sees the same silence and the same moment of closing whatever it sent (an EOF
+    or an error does not close the connection earlier)."""
     try:
-        return deadline.remaining()
+        while True:
+            sock.settimeout(deadline.remaining())
+            if not sock.recv(65536):
+                break
+    except OSError:  # TimeoutError (the deadline) included
+        pass
+    try:
+        time.sleep(deadline.remaining())
     except TimeoutError:
-        return 0.0
+        pass
 
 
 class _Counter:
