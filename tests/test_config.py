@@ -729,11 +729,11 @@ def test_destination_rule_matches_property(
     in_ports = low <= port <= high
     for peer in (peer4, peer6, network.network_address, network.broadcast_address):
         # An IPv4-mapped IPv6 address is also its IPv4 address (as the kernel treats it).
-        mapped = peer.ipv4_mapped if isinstance(peer, ipaddress.IPv6Address) else None
+        as_v4 = peer.ipv4_mapped if isinstance(peer, ipaddress.IPv6Address) else None
         same = any(
             view.version == network.version
             and int(view) >> bits == int(network.network_address) >> bits
-            for view in (peer, mapped)
+            for view in (peer, as_v4)
             if view is not None
         )
         assert rule.matches(peer, port) is (same and in_ports)
