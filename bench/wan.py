@@ -23,7 +23,7 @@ for the reply, send an HTTP GET, read the first byte: time to first byte (TTFB);
 response is read and checked too. For each RTT and system:
 
 - new connection: the median TTFB of --samples sequential connections, after one warm-up
-  connection, so that a persistent session or tunnel (ssh's session, sockproxy's ticket)
+  connection, so that a persistent session or tunnel (ssh's session, sockproxy's session)
   exists. For sockproxy also "cold": a fresh local.py, its first connection (median of
   --cold-samples fresh locals);
 - page: 24 fetches, 6 at a time (wall time from the first connect to the last byte);
@@ -119,7 +119,7 @@ def fetches(
 
 
 def measure_sequential(ctx: Context, figures: Figures, target: Target) -> None:
-    fetches(ctx, figures, target, 1, 1)  # the warm-up: a session/tunnel/ticket exists after it
+    fetches(ctx, figures, target, 1, 1)  # the warm-up: a session or tunnel exists after it
     results = fetches(ctx, figures, target, ctx.args.samples, 1)
     figures.ttfb += [r.ttfb for r in results if r.ttfb is not None]
 

@@ -203,7 +203,8 @@ def test_general_failure_when_the_server_is_gone(
 ) -> None:
     if how == "stopped":
         server, local = launcher.pair()
-        first = socks_request(local.port, "127.0.0.1", echo_server.port)  # works, leaves a ticket
+        # This one works, and leaves a live session behind.
+        first = socks_request(local.port, "127.0.0.1", echo_server.port)
         with first.sock:
             assert first.reply == Reply.SUCCEEDED
             first.sock.sendall(b"hello")

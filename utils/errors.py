@@ -41,7 +41,3 @@ class AuthenticationError(SockproxyError):
 
 class ChannelError(ProtocolError):
     """The encrypted channel failed: a record did not authenticate, or it ended early."""
-
-
-class TicketRejected(SockproxyError):
-    """The server closed a resumption attempt; the local retries with a full handshake."""
