@@ -18,6 +18,7 @@ from utils.mux import (
     data_frames,
     eof_frame,
     goaway_frame,
+    merge_data,
     open_frame,
     ping_frame,
     window_frame,
@@ -45,6 +46,23 @@ def test_frames_survive_any_split(encoded: list[bytes], data: st.DataObject) -> 
         out += decoder.feed(wire[start:end])
     assert b"".join(frame.encode() for frame in out) == wire
     assert decoder.pending == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(frames, min_size=1, max_size=8))
+def test_merging_keeps_every_byte_and_every_other_frame_in_order(encoded: list[bytes]) -> None:
+    decoded = FrameDecoder().feed(b"".join(encoded))
+    merged = merge_data(decoded)
+    assert len(merged) <= len(decoded)
+    assert [f for f in merged if f.type is not FrameType.DATA] == [
+        f for f in decoded if f.type is not FrameType.DATA
+    ]
+    for stream in {f.stream for f in decoded}:
+        data = [f.body for f in decoded if f.type is FrameType.DATA and f.stream == stream]
+        kept = [f.body for f in merged if f.type is FrameType.DATA and f.stream == stream]
+        assert b"".join(kept) == b"".join(data)
+    one = merge_data(FrameDecoder().feed(data_frames(3, bytes(40000)) + eof_frame(3)))
+    assert [(f.type, len(f.body)) for f in one] == [(FrameType.DATA, 40000), (FrameType.EOF, 0)]
 
 
 def test_data_is_split_at_the_frame_limit() -> None:

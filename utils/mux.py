@@ -13,6 +13,7 @@ direction, so a client that stops reading stalls only its own stream.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -159,6 +160,19 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         return len(self._buffer)
+
+
+def merge_data(frames: list[Frame]) -> list[Frame]:
+    """Adjacent DATA frames of one stream as one frame (its body may then pass the frame
+    limit): the receiver hands a whole record's bytes on in one write, not one per frame."""
+    merged: list[Frame] = []
+    for (kind, stream), group in itertools.groupby(frames, key=lambda f: (f.type, f.stream)):
+        run = list(group)
+        if kind is FrameType.DATA and len(run) > 1:
+            merged.append(Frame(kind, stream, b"".join(frame.body for frame in run)))
+        else:
+            merged.extend(run)
+    return merged
 
 
 class ReceiveWindow:

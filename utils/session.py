@@ -30,6 +30,7 @@ from utils.mux import (
     data_frames,
     eof_frame,
     goaway_frame,
+    merge_data,
     ping_frame,
     reply_frame,
     reset_frame,
@@ -341,7 +342,7 @@ class Session:
             deferred, self._deferred = self._deferred, None
             self.feed_early(deferred, on_open)
         for payload in payloads:
-            for frame in self._decoder.feed(payload):
+            for frame in merge_data(self._decoder.feed(payload)):
                 self._dispatch(frame, on_open)
 
     def defer_early(self, frames: bytes) -> None:
