@@ -134,8 +134,20 @@ def wait_listening(
     return not waiting
 
 
-def stop(process: subprocess.Popen[bytes]) -> int:
-    """SIGINT, or Ctrl-Break on Windows (the programs exit 0 on either); then wait."""
+def stop(process: subprocess.Popen[bytes], endpoint: tuple[str, int] | None = None) -> int:
+    """SIGINT, or Ctrl-Break on Windows (the programs exit 0 on either); then wait.
+
+    A program still loading its modules cannot handle the signal yet (a stop during its
+    imports would end in a traceback): wait until it listens on ``endpoint`` (or exits),
+    for STOP_WAIT at most, first."""
+    deadline = time.monotonic() + STOP_WAIT
+    while (
+        endpoint is not None
+        and process.poll() is None
+        and not port_in_use(*endpoint)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
     if process.poll() is None:
         process.send_signal(signal.SIGINT if _CTRL_BREAK is None else _CTRL_BREAK)
     try:
@@ -198,8 +210,8 @@ def run(use_venv: bool) -> int:
     except (Stop, KeyboardInterrupt):
         code = 0
     finally:
-        for process in programs.values():
-            if stop(process) not in (0, None) and code == 0:
+        for name, process in programs.items():
+            if stop(process, ports[name]) not in (0, None) and code == 0:
                 code = 1
     return code
 
