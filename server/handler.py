@@ -27,10 +27,11 @@ from utils.base import (
 from utils.channel import Deadline, recv_some
 from utils.config import AuthorizedKey, ServerConfig
 from utils.crypto import rsa_sign
-from utils.errors import AuthenticationError, SockproxyError
+from utils.errors import SockproxyError
 from utils.handshake import (
     AuthorizedPeer,
     ClientInit,
+    NotForThisServer,
     ServerHandshake,
     UnknownKey,
     server_secret,
@@ -63,7 +64,7 @@ def _why(exc: BaseException) -> str:
         return "closed before a whole ClientInit"
     if isinstance(exc, TimeoutError):
         return "no whole ClientInit in time"
-    if isinstance(exc, AuthenticationError) and "header does not open" in str(exc):
+    if isinstance(exc, NotForThisServer):
         return (
             "not a ClientInit sealed to this server's key (a probe, garbage, or a local "
             "whose server_public_key is another server's)"
@@ -204,7 +205,7 @@ class ExitHandler(socketserver.BaseRequestHandler):
         response = handshake.create_server_response(defer_early=defer)
         assert handshake.keys is not None
         self.identity = init.peer.name
-        session = Session(sock, handshake.keys, f"{self.peer} ({self.identity})")
+        session = Session(sock, handshake.keys)
         sock.settimeout(SESSION_TIMEOUT)
         sock.sendall(response)
         log.info("session from %s (%s) opened", self.peer, self.identity)

@@ -429,7 +429,10 @@ class ServerHandshake:
         self._keys = _init_keys(self._es, static_share, random, self._share)
         sealed = head[INIT_PREFIX_SIZE:]
         prefix = head[:INIT_PREFIX_SIZE]
-        plain = _open_sealed(self._keys.init, HEADER_NONCE, sealed, prefix, "ClientInit header")
+        try:
+            plain = self._keys.init.open(HEADER_NONCE, sealed, prefix)
+        except AuthenticationError:
+            raise NotForThisServer("ClientInit header does not open") from None
         self._header = InitHeader.decode(plain)
         self.state = ServerState.AWAIT_BODY
 
@@ -471,6 +474,11 @@ class ServerHandshake:
         rest = bytes(self._buffer)
         self._buffer.clear()
         return rest
+
+
+class NotForThisServer(AuthenticationError):
+    """The first 90 bytes do not open with this server's static key: a probe, garbage, or a
+    local whose ``server_public_key`` is another server's."""
 
 
 class UnknownKey(AuthenticationError):

@@ -29,7 +29,6 @@ from utils.mux import (
     SendWindow,
     data_frames,
     eof_frame,
-    goaway_frame,
     merge_data,
     ping_frame,
     reply_frame,
@@ -60,7 +59,6 @@ class Stream:
         self._receive_window = ReceiveWindow()
         self._send_window = SendWindow()
         self._peer_ended = False
-        self._ended = False
         self._reset: str | None = None
         self._reply: bytes | None = None
         self._direct: Callable[[bytes], int] | None = None
@@ -143,10 +141,6 @@ class Stream:
         if self._reset is None:
             self._reset = reason
 
-    @property
-    def failure(self) -> str | None:
-        return self._reset
-
     # -- called by the relay threads
     def wait_reply(self, timeout: float) -> bytes:
         """The server's REPLY body (the local side); raises StreamReset if the session died."""
@@ -200,7 +194,6 @@ class Stream:
     def send_end(self) -> None:
         with self._cond:
             self._raise_if_reset()
-            self._ended = True
         self.session.send(eof_frame(self.id))
 
     def abort(self, reason: str) -> None:
@@ -224,9 +217,8 @@ class Stream:
 class Session:
     """Records over one TCP connection, and the streams they carry."""
 
-    def __init__(self, sock: socket.socket, keys: SessionKeys, name: str) -> None:
+    def __init__(self, sock: socket.socket, keys: SessionKeys) -> None:
         self.sock = sock
-        self.name = name
         self._sealer = RecordSealer(keys.send)
         self._opener = RecordOpener(keys.receive)
         self._decoder = FrameDecoder()
@@ -235,11 +227,10 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self.highest_stream = 0
         self.closed: str | None = None
-        self.draining = False  # GOAWAY sent or received: no new streams
+        self.draining = False  # GOAWAY received: no new streams
         self.started = time.monotonic()
         self.last_received = self.started
         self.ping_sent_at: float | None = None
-        self._ping: bytes = b""
         self._deferred: bytes | None = None  # early data held until the peer proves liveness
 
     # -- sending
@@ -265,13 +256,8 @@ class Session:
         WORKERS.submit(self.send_quietly, frames)
 
     def ping(self) -> None:
-        self._ping = os.urandom(PING_SIZE)
         self.ping_sent_at = time.monotonic()
-        self.send_later(ping_frame(self._ping))
-
-    def goaway(self) -> None:
-        self.draining = True
-        self.send_quietly(goaway_frame())
+        self.send_later(ping_frame(os.urandom(PING_SIZE)))
 
     def end(self) -> None:
         """A clean end: the authenticated end of stream, then a half-close."""
