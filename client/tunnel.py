@@ -92,7 +92,7 @@ class LocalSession:
         with self._lock:  # ids must reach the server in increasing order
             stream = self.session.add(self._take_id())
             stream.sent_early(len(early))
-            self.session.send(open_frame(stream.id, request) + _early(stream.id, early))
+            self.session.send(open_frame(stream.id, request) + data_frames(stream.id, early))
         return stream
 
     def _take_id(self) -> int:
@@ -131,10 +131,6 @@ class LocalSession:
             session.ping()
         if not self.usable() and session.stream_count == 0:
             session.end()
-
-
-def _early(stream_id: int, data: bytes) -> bytes:
-    return data_frames(stream_id, data) if data else b""
 
 
 class Connector:
@@ -277,7 +273,7 @@ class Connector:
         handshake = ClientHandshake(
             self._identity, ServerPublic(endpoint.public_key, endpoint.static_share)
         )
-        first = open_frame(1, message) + _early(1, early)
+        first = open_frame(1, message) + data_frames(1, early)
         deadline.arm(sock)
         sock.sendall(handshake.create_client_init(first))
         keys: SessionKeys | None = None
