@@ -21,6 +21,7 @@ from utils.cells import (
     pack_cells,
     unpack_cells,
 )
+from utils.crypto import Aead
 from utils.errors import ChannelError
 
 KEY = bytes(range(32))
@@ -151,8 +152,8 @@ def test_wrong_key_is_refused() -> None:
 
 
 def test_oversized_count_is_refused_before_reading_the_body() -> None:
-    sealer = RecordSealer(KEY)
-    forged = sealer._seal((4000).to_bytes(2, "big"))  # a valid seal of a count over the limit
+    # A valid seal of a count over the limit, as the first record's count would be sealed.
+    forged = Aead(KEY).seal(bytes(12), (4000).to_bytes(2, "big"))
     with pytest.raises(ChannelError, match="exceeds"):
         RecordOpener(KEY).feed(forged)
 
@@ -180,3 +181,15 @@ def test_short_cell_in_the_middle_is_refused() -> None:
 def test_bodies_that_are_not_whole_cells_are_refused(size: int) -> None:
     with pytest.raises(ChannelError):
         unpack_cells(bytes(size))
+
+
+@pytest.mark.parametrize("cell", [0, 7, 18])
+@pytest.mark.parametrize(("index", "value"), [(0, 3), (0, 15), (1, 49), (2, 2), (3, 1)], ids=str)
+def test_malformed_full_cells_are_refused_in_long_records(
+    cell: int, index: int, value: int
+) -> None:
+    """The vectorised check (records of more than a few cells) refuses what the loop does."""
+    packed = bytearray(pack_cells(os.urandom(20 * MAX_CELL_PAYLOAD), os.urandom(20 * 64)))
+    packed[cell * 64 + index] = value
+    with pytest.raises(ChannelError):
+        unpack_cells(bytes(packed))

@@ -18,7 +18,6 @@ from utils.mux import (
     data_frames,
     eof_frame,
     goaway_frame,
-    merge_data,
     open_frame,
     ping_frame,
     window_frame,
@@ -52,7 +51,7 @@ def test_frames_survive_any_split(encoded: list[bytes], data: st.DataObject) -> 
 @given(st.lists(frames, min_size=1, max_size=8))
 def test_merging_keeps_every_byte_and_every_other_frame_in_order(encoded: list[bytes]) -> None:
     decoded = FrameDecoder().feed(b"".join(encoded))
-    merged = merge_data(decoded)
+    merged = FrameDecoder().feed(b"".join(encoded), merge_data=True)
     assert len(merged) <= len(decoded)
     assert [f for f in merged if f.type is not FrameType.DATA] == [
         f for f in decoded if f.type is not FrameType.DATA
@@ -61,7 +60,7 @@ def test_merging_keeps_every_byte_and_every_other_frame_in_order(encoded: list[b
         data = [f.body for f in decoded if f.type is FrameType.DATA and f.stream == stream]
         kept = [f.body for f in merged if f.type is FrameType.DATA and f.stream == stream]
         assert b"".join(kept) == b"".join(data)
-    one = merge_data(FrameDecoder().feed(data_frames(3, bytes(40000)) + eof_frame(3)))
+    one = FrameDecoder().feed(data_frames(3, bytes(40000)) + eof_frame(3), merge_data=True)
     assert [(f.type, len(f.body)) for f in one] == [(FrameType.DATA, 40000), (FrameType.EOF, 0)]
 
 

@@ -13,7 +13,6 @@ direction, so a client that stops reading stalls only its own stream.
 from __future__ import annotations
 
 import enum
-import itertools
 import struct
 from dataclasses import dataclass
 
@@ -120,28 +119,37 @@ def _check(kind: FrameType, stream: int, length: int) -> None:
         raise ProtocolError(f"empty {kind.name} frame")
 
 
+_Span = tuple[FrameType, int, int, int]  # type, stream, where the body starts and ends
+
+
 class FrameDecoder:
-    """Record payloads in, whole frames out (a frame may span records)."""
+    """Record payloads in, whole frames out (a frame may span records).
+
+    With ``merge_data``, adjacent DATA frames of one stream come out as one frame (its body
+    may then pass the frame limit): the receiver hands a whole record's bytes on in one
+    write, not one per frame, and copies them once.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview, merge_data: bool = False) -> list[Frame]:
         if self._buffer:
             self._buffer += data
-            source: bytes | bytearray = self._buffer
+            source: bytes | bytearray | memoryview = self._buffer
         else:
             source = data  # the common case (frames end with records): no copy into a buffer
-        frames: list[Frame] = []
+        spans: list[_Span] = []
         with memoryview(source) as view:
-            position = self._split(view, frames)
+            position = self._split(view, spans)
+            frames = _frames(view, spans, merge_data)
             rest = bytes(view[position:])
         self._buffer = bytearray(rest)
         return frames
 
     @staticmethod
-    def _split(view: memoryview, frames: list[Frame]) -> int:
-        """Append every whole frame in ``view``; return how many bytes they took."""
+    def _split(view: memoryview, spans: list[_Span]) -> int:
+        """Note every whole frame in ``view``; return how many bytes they took."""
         position = 0
         while len(view) - position >= HEADER_SIZE:
             raw_kind, stream, length = _HEADER.unpack_from(view, position)
@@ -153,7 +161,7 @@ class FrameDecoder:
             end = position + HEADER_SIZE + length
             if len(view) < end:
                 break
-            frames.append(Frame(kind, stream, bytes(view[position + HEADER_SIZE : end])))
+            spans.append((kind, stream, position + HEADER_SIZE, end))
             position = end
         return position
 
@@ -162,17 +170,22 @@ class FrameDecoder:
         return len(self._buffer)
 
 
-def merge_data(frames: list[Frame]) -> list[Frame]:
-    """Adjacent DATA frames of one stream as one frame (its body may then pass the frame
-    limit): the receiver hands a whole record's bytes on in one write, not one per frame."""
-    merged: list[Frame] = []
-    for (kind, stream), group in itertools.groupby(frames, key=lambda f: (f.type, f.stream)):
-        run = list(group)
-        if kind is FrameType.DATA and len(run) > 1:
-            merged.append(Frame(kind, stream, b"".join(frame.body for frame in run)))
+def _frames(view: memoryview, spans: list[_Span], merge_data: bool) -> list[Frame]:
+    frames: list[Frame] = []
+    index = 0
+    while index < len(spans):
+        kind, stream, start, end = spans[index]
+        run = index + 1
+        if merge_data and kind is FrameType.DATA:
+            while run < len(spans) and spans[run][:2] == (kind, stream):
+                run += 1
+        if run - index > 1:
+            body = b"".join(view[span[2] : span[3]] for span in spans[index:run])
         else:
-            merged.extend(run)
-    return merged
+            body = bytes(view[start:end])
+        frames.append(Frame(kind, stream, body))
+        index = run
+    return frames
 
 
 class ReceiveWindow:

@@ -10,6 +10,7 @@ under a lock: sealing and sending a record is one step, since records are number
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from utils.cells import RecordOpener, RecordSealer
+from utils.channel import ReadSize
 from utils.errors import ChannelError, ProtocolError, SockproxyError
 from utils.handshake import SessionKeys
 from utils.mux import (
@@ -29,13 +31,13 @@ from utils.mux import (
     SendWindow,
     data_frames,
     eof_frame,
-    merge_data,
     ping_frame,
     reply_frame,
     reset_frame,
     window_frame,
     window_increment,
 )
+from utils.platform_support import wait_writable
 from utils.workers import WORKERS
 
 log = logging.getLogger("sockproxy.session")
@@ -236,14 +238,17 @@ class Session:
     # -- sending
     def send(self, frames: bytes) -> None:
         with self._send_lock:
-            if self.closed is not None:
-                raise StreamReset(self.closed)
-            try:
-                self.sock.sendall(self._sealer.seal(frames))
-            except BaseException as exc:
-                # A record may be half-sent: the byte stream is broken for every stream.
-                self._fail(f"send failed: {type(exc).__name__}")
-                raise
+            self._send_locked(frames)
+
+    def _send_locked(self, frames: bytes) -> None:
+        if self.closed is not None:
+            raise StreamReset(self.closed)
+        try:
+            self._sealer.seal_to(frames, self.sock.sendall)
+        except BaseException as exc:
+            # A record may be half-sent: the byte stream is broken for every stream.
+            self._fail(f"send failed: {type(exc).__name__}")
+            raise
 
     def send_quietly(self, frames: bytes) -> None:
         try:
@@ -252,7 +257,17 @@ class Session:
             pass  # the session is ending anyway; its streams learn it from close()
 
     def send_later(self, frames: bytes) -> None:
-        """For the reader thread: it must never wait on the socket's send buffer."""
+        """For the reader thread, which must never wait on the socket's send buffer: a
+        small record goes out now if no one else is sending and the socket has room (no
+        thread hand-off), else a pool thread sends it."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                if wait_writable(self.sock):
+                    with contextlib.suppress(OSError, SockproxyError):
+                        self._send_locked(frames)
+                    return
+            finally:
+                self._send_lock.release()
         WORKERS.submit(self.send_quietly, frames)
 
     def ping(self) -> None:
@@ -311,24 +326,30 @@ class Session:
             self._feed(data, on_open)
 
     def _read(self, on_open: Callable[[Stream, bytes], None] | None) -> None:
+        read_size = ReadSize(RECV_SIZE)  # an idle session keeps a small buffer
+        buffer = bytearray()
         while not self._opener.ended:
-            data = self.sock.recv(RECV_SIZE)
-            if not data:
+            if len(buffer) != read_size.size:
+                buffer = bytearray(read_size.size)
+            received = self.sock.recv_into(buffer)
+            if not received:
                 self._opener.check_clean_eof()
                 return
-            self._feed(data, on_open)
+            read_size.update(received)
+            self._feed(memoryview(buffer)[:received], on_open)
         if self.sock.recv(1):
             raise ChannelError("bytes after the end of stream")
 
-    def _feed(self, data: bytes, on_open: Callable[[Stream, bytes], None] | None) -> None:
+    def _feed(
+        self, data: bytes | memoryview, on_open: Callable[[Stream, bytes], None] | None
+    ) -> None:
         self.last_received = time.monotonic()
         self.ping_sent_at = None  # anything from the peer shows it is alive
-        payloads = self._opener.feed(data)
-        if payloads and self._deferred is not None and on_open is not None:
-            deferred, self._deferred = self._deferred, None
-            self.feed_early(deferred, on_open)
-        for payload in payloads:
-            for frame in merge_data(self._decoder.feed(payload)):
+        for payload in self._opener.records(data):
+            if self._deferred is not None and on_open is not None:
+                deferred, self._deferred = self._deferred, None
+                self.feed_early(deferred, on_open)
+            for frame in self._decoder.feed(payload, merge_data=True):
                 self._dispatch(frame, on_open)
 
     def defer_early(self, frames: bytes) -> None:
