@@ -193,3 +193,15 @@ def test_malformed_full_cells_are_refused_in_long_records(
     packed[cell * 64 + index] = value
     with pytest.raises(ChannelError):
         unpack_cells(bytes(packed))
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(st.binary(max_size=40_000), max_size=6))
+def test_sealing_in_parts_is_sealing_the_joined_payload(parts: list[bytes]) -> None:
+    """seal_parts_to gathers the parts into its scratch buffer (more than a record's worth
+    is joined first): the peer opens exactly the joined bytes, in order."""
+    records: list[bytes] = []
+    RecordSealer(KEY).seal_parts_to(parts, lambda record: records.append(bytes(record)))
+    joined = b"".join(parts)
+    assert b"".join(RecordOpener(KEY).feed(b"".join(records))) == joined
+    assert len(records) == -(-len(joined) // MAX_RECORD_PAYLOAD)

@@ -17,7 +17,7 @@ pure-Python path, which is faster for interactive traffic. Both give identical b
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -198,8 +198,10 @@ def _nonce(counter: int) -> bytes:
 PADDING = PaddingSource()
 _CELLS_AREA = MAX_CELLS_PER_RECORD * CELL_SIZE
 MAX_SEALED_RECORD = SEALED_COUNT_SIZE + _CELLS_AREA + TAG_SIZE
-# One record's scratch: its cells in clear, then the sealed record (or the opened payload).
-_BUFFERS = BufferPool(_CELLS_AREA + MAX_SEALED_RECORD)
+_PAYLOAD_AREA = _CELLS_AREA + MAX_SEALED_RECORD
+# One record's scratch: its cells in clear, the sealed record (or the opened payload), then
+# the payload gathered from its parts.
+_BUFFERS = BufferPool(_PAYLOAD_AREA + MAX_RECORD_PAYLOAD)
 
 
 def _fill_from(take: Callable[[int], bytes]) -> Callable[[memoryview], None]:
@@ -244,6 +246,23 @@ class RecordSealer:
         with _BUFFERS.borrow() as buffer:
             for start in range(0, len(view), MAX_RECORD_PAYLOAD):
                 send(self._seal_record(view[start : start + MAX_RECORD_PAYLOAD], buffer))
+
+    def seal_parts_to(
+        self, parts: Sequence[bytes | memoryview], send: Callable[[memoryview], object]
+    ) -> None:
+        """``seal_to`` for a payload given in parts (at most one record's worth: more is
+        joined first), gathered straight into the scratch buffer."""
+        size = sum(len(part) for part in parts)
+        if size > MAX_RECORD_PAYLOAD or self.ended:
+            self.seal_to(b"".join(parts), send)
+            return
+        with _BUFFERS.borrow() as buffer:
+            position = _PAYLOAD_AREA
+            for part in parts:
+                buffer[position : position + len(part)] = part
+                position += len(part)
+            if size:
+                send(self._seal_record(buffer[_PAYLOAD_AREA:position], buffer))
 
     def _seal_record(self, chunk: memoryview, buffer: memoryview) -> memoryview:
         count = cell_count(len(chunk))

@@ -45,6 +45,7 @@ class FrameType(enum.IntEnum):
     GOAWAY = 0x09  # session: no new streams; the ones open may finish
 
 
+_TYPES = {int(kind): kind for kind in FrameType}
 SESSION_FRAMES = frozenset((FrameType.PING, FrameType.PONG, FrameType.GOAWAY))
 _EMPTY_FRAMES = frozenset((FrameType.EOF, FrameType.RESET, FrameType.GOAWAY))
 
@@ -69,13 +70,18 @@ def reply_frame(stream: int, reply: bytes) -> bytes:
 
 def data_frames(stream: int, data: bytes | memoryview) -> bytes:
     """DATA frames for ``data`` (split at MAX_DATA_FRAME)."""
+    return b"".join(data_frame_parts(stream, data))
+
+
+def data_frame_parts(stream: int, data: bytes | memoryview) -> list[bytes | memoryview]:
+    """``data_frames`` as headers and views of ``data``, for a sealer to copy once."""
     view = memoryview(data)
     parts: list[bytes | memoryview] = []
     for start in range(0, len(view), MAX_DATA_FRAME):
         chunk = view[start : start + MAX_DATA_FRAME]
         parts.append(_HEADER.pack(FrameType.DATA, stream, len(chunk)))
         parts.append(chunk)
-    return b"".join(parts)
+    return parts
 
 
 def window_frame(stream: int, increment: int) -> bytes:
@@ -153,11 +159,11 @@ class FrameDecoder:
         position = 0
         while len(view) - position >= HEADER_SIZE:
             raw_kind, stream, length = _HEADER.unpack_from(view, position)
-            try:
-                kind = FrameType(raw_kind)
-            except ValueError:
-                raise ProtocolError(f"unknown frame type {raw_kind:#04x}") from None
-            _check(kind, stream, length)
+            kind = _TYPES.get(raw_kind)
+            if kind is None:
+                raise ProtocolError(f"unknown frame type {raw_kind:#04x}")
+            if not (kind is FrameType.DATA and stream and 0 < length <= MAX_DATA_FRAME):
+                _check(kind, stream, length)  # (the common case above needs no more checks)
             end = position + HEADER_SIZE + length
             if len(view) < end:
                 break

@@ -23,13 +23,14 @@ from utils.channel import ReadSize
 from utils.errors import ChannelError, ProtocolError, SockproxyError
 from utils.handshake import SessionKeys
 from utils.mux import (
+    MAX_RECORD_DATA,
     PING_SIZE,
     Frame,
     FrameDecoder,
     FrameType,
     ReceiveWindow,
     SendWindow,
-    data_frames,
+    data_frame_parts,
     eof_frame,
     ping_frame,
     reply_frame,
@@ -165,8 +166,8 @@ class Stream:
                 ):
                     raise TimeoutError("the peer granted no window")
                 self._raise_if_reset()
-                granted = self._send_window.take(len(view))
-            self.session.send(data_frames(self.id, view[:granted]))
+                granted = self._send_window.take(min(len(view), MAX_RECORD_DATA))
+            self.session.send(data_frame_parts(self.id, view[:granted]))  # one record
             view = view[granted:]
 
     def receive(self, timeout: float | None = None) -> list[bytes]:
@@ -236,15 +237,19 @@ class Session:
         self._deferred: bytes | None = None  # early data held until the peer proves liveness
 
     # -- sending
-    def send(self, frames: bytes) -> None:
+    def send(self, frames: bytes | list[bytes | memoryview]) -> None:
+        """Send frames, given whole or in parts (``data_frame_parts``)."""
         with self._send_lock:
             self._send_locked(frames)
 
-    def _send_locked(self, frames: bytes) -> None:
+    def _send_locked(self, frames: bytes | list[bytes | memoryview]) -> None:
         if self.closed is not None:
             raise StreamReset(self.closed)
         try:
-            self._sealer.seal_to(frames, self.sock.sendall)
+            if isinstance(frames, list):
+                self._sealer.seal_parts_to(frames, self.sock.sendall)
+            else:
+                self._sealer.seal_to(frames, self.sock.sendall)
         except BaseException as exc:
             # A record may be half-sent: the byte stream is broken for every stream.
             self._fail(f"send failed: {type(exc).__name__}")
