@@ -331,7 +331,7 @@ class Session:
             self._feed(data, on_open)
 
     def _read(self, on_open: Callable[[Stream, bytes], None] | None) -> None:
-        read_size = ReadSize(RECV_SIZE)  # an idle session keeps a small buffer
+        read_size = ReadSize(RECV_SIZE, low=4096)  # an idle session keeps a small buffer
         buffer = bytearray()
         while not self._opener.ended:
             if len(buffer) != read_size.size:
