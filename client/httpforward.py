@@ -21,12 +21,12 @@ from client.streams import Stream, close_stream, interrupt_stream, receive, set_
 from utils.base import (
     AccessRecord,
     close_with_reset,
-    describe,
     quietly_shutdown,
     set_reset_on_close,
 )
 from utils.channel import Deadline, recv_some
 from utils.errors import ProtocolError, SockproxyError
+from utils.events import describe
 from utils.httpconnect import END_OF_HEAD, MAX_HEAD_SIZE, HttpProxyError
 from utils.httpproxy import (
     BodyReader,

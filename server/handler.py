@@ -18,7 +18,6 @@ from server.udp import ExitAssociation
 from utils.base import (
     AccessRecord,
     ProxyServer,
-    describe,
     format_peer,
     log_access,
     relay_and_close,
@@ -28,6 +27,7 @@ from utils.channel import Deadline, recv_some
 from utils.config import AuthorizedKey, ServerConfig
 from utils.crypto import rsa_sign
 from utils.errors import SockproxyError
+from utils.events import describe
 from utils.handshake import (
     AuthorizedPeer,
     ClientInit,

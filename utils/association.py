@@ -7,8 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from utils.base import describe
 from utils.errors import SockproxyError
+from utils.events import describe
 from utils.session import Stream
 from utils.socks5 import Address
 from utils.udp import DatagramDecoder

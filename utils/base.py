@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
-from utils.events import event
+from utils.events import describe
 from utils.mux import MAX_RECORD_DATA
 from utils.platform_support import exclusive_bind_option, wait_readable, wait_writable
 from utils.ratelimit import LimitedLog
@@ -65,18 +65,6 @@ def quietly_shutdown(sock: socket.socket, how: int) -> None:
         sock.shutdown(how)
     except OSError:
         pass  # already closed or never connected: nothing left to wake
-
-
-def describe(exc: BaseException) -> str:
-    """A short, secret-free reason for the logs: an event where we can name one."""
-    named = event(exc)
-    if named is not None:
-        return named
-    if isinstance(exc, SockproxyError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
 
 
 def format_peer(address: Any) -> str:
