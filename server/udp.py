@@ -7,11 +7,11 @@ import logging
 import socket
 
 from server.destinations import Destinations
-from utils.association import POLL_INTERVAL, Association
-from utils.platform_support import recv_datagram
+from utils.association import Association
 from utils.replyfilter import ReplyFilter
 from utils.session import Stream
 from utils.socks5 import Address, Reply
+from utils.stopping import POLL_INTERVAL
 from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
 log = logging.getLogger("sockproxy.udp")
@@ -56,6 +56,7 @@ class ExitAssociation(Association):
         self._peers = ReplyFilter()
 
     def serve(self) -> str | None:
+        """Relay until the local ends the stream; None, or why it was aborted."""
         self._udp.settimeout(POLL_INTERVAL)
         try:
             return self.run(self._uplink, self._downlink)
@@ -93,11 +94,8 @@ class ExitAssociation(Association):
         return target
 
     def _downlink(self) -> None:
-        while not self.stopping:
-            received = recv_datagram(self._udp, MAX_DATAGRAM)  # None: timeout or ICMP reset
-            if received is None:
-                continue
-            data, source = received
+        while True:
+            data, source = self.next_datagram(self._udp)
             peer = plain_ip(source[0]), source[1]
             if not self._peers.admits(peer) or len(data) > MAX_ANSWER:
                 continue  # not an answer, or too big to frame with its address: dropped

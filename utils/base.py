@@ -12,15 +12,16 @@ client can never mistake a cut-off transfer for a complete one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from utils.channel import ReadSize
 from utils.config import Whitelist
@@ -30,10 +31,10 @@ from utils.mux import MAX_RECORD_DATA
 from utils.platform_support import exclusive_bind_option, wait_readable, wait_writable
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
-from utils.workers import WORKERS, Completion
+from utils.stopping import POLL_INTERVAL, Tunnel
+from utils.workers import WORKERS
 
 log = logging.getLogger("sockproxy")
-T = TypeVar("T")
 access_log = logging.getLogger("sockproxy.access")
 
 LISTEN_BACKLOG = 4096
@@ -81,60 +82,30 @@ class LiveTunnel(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
-class _Aborted(Exception):
-    """The other direction failed; this one stops without a clean end."""
-
-
-POLL_INTERVAL = 1.0  # how often a reader blocked on a quiet plain socket checks for an abort
-
-
 # Where send() can be told not to wait (not on Windows, which then always takes the writer
 # thread's path).
 NON_BLOCKING_SEND = getattr(socket, "MSG_DONTWAIT", 0)
 
 
-@dataclass
-class Relay:
+class Relay(Tunnel):
     """Both directions between ``plain`` and a stream until both have ended."""
 
-    plain: socket.socket
-    stream: Stream
-    idle_timeout: float
-    to_channel: int = 0
-    to_plain: int = 0
-    failure: str | None = None
-    _last_activity: float = field(default_factory=time.monotonic)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, plain: socket.socket, stream: Stream, idle_timeout: float) -> None:
+        super().__init__(stream, idle_timeout)
+        self.plain = plain
 
-    def run(self, pending: bytes = b"") -> str | None:
+    def serve(self, pending: bytes = b"") -> str | None:
         """Relay until done; return None on a clean end, else the reason it failed."""
         self.plain.settimeout(self.idle_timeout)  # for sendall towards a slow reader
         if NON_BLOCKING_SEND:
             self.stream.write_through(self._write_now)
-        upstream = Completion(self._guard, self._pump_up, pending)
-        self._guard(self._pump_down)
-        upstream.join()
-        return self.failure
+        return self.run(self._pump_down, functools.partial(self._pump_up, pending))
 
-    def _guard(self, pump: Callable[..., None], *args: Any) -> None:
-        try:
-            pump(*args)
-        except _Aborted:
-            pass
-        except (OSError, SockproxyError) as exc:
-            self.abort(describe(exc))
-
-    def abort(self, reason: str) -> None:
-        """Stop both directions; the first reason wins."""
-        with self._lock:
-            if self.failure is not None:
-                return
-            self.failure = reason
+    def _interrupt(self) -> None:
         # Linger 0 now, not at close: if the process exits first (SIGTERM), the kernel
         # must reset, not send a FIN. SHUT_RD wakes a blocked reader where it can.
         set_reset_on_close(self.plain)
         quietly_shutdown(self.plain, socket.SHUT_RD)
-        self.stream.abort(reason)
 
     def _pump_up(self, pending: bytes) -> None:
         """Plain socket -> stream, then the stream's EOF."""
@@ -142,11 +113,12 @@ class Relay:
             self.stream.send(pending, self.idle_timeout)
             self.to_channel += len(pending)
         read_size = ReadSize(MAX_RECORD_DATA)
-        while data := self._wait(lambda: self._read_plain(read_size.size)):
+        while data := self.wait(lambda: self._read_plain(read_size.size)):
+            self.touch()
             read_size.update(len(data))
             self.stream.send(data, self.idle_timeout)
             self.to_channel += len(data)
-        self._check_not_aborted()
+        self.check_stopping()
         self.stream.send_end()
 
     def _write_now(self, data: bytes) -> int:
@@ -158,40 +130,24 @@ class Relay:
         except BlockingIOError:
             return 0
         self.to_plain += written
-        self._last_activity = time.monotonic()
+        self.touch()
         return written
 
     def _read_plain(self, size: int) -> bytes:
-        if not wait_readable(self.plain, POLL_INTERVAL, None):
+        if not wait_readable(self.plain, POLL_INTERVAL, self._stopping):
             raise TimeoutError("nothing to read yet")
         return self.plain.recv(size)
 
     def _pump_down(self) -> None:
         """Stream -> plain socket, then a half-close towards the plain side."""
-        while chunks := self._wait(lambda: self.stream.receive(POLL_INTERVAL)):
+        while chunks := self.wait(lambda: self.stream.receive(POLL_INTERVAL)):
+            self.touch()
             for chunk in chunks:
                 self.plain.sendall(chunk)
                 self.to_plain += len(chunk)
                 self.stream.consumed(len(chunk))
-        self._check_not_aborted()
+        self.check_stopping()
         self.plain.shutdown(socket.SHUT_WR)
-
-    def _wait(self, operation: Callable[[], T]) -> T:
-        """Run a blocking read; on timeout keep waiting while the other direction is busy."""
-        while True:
-            self._check_not_aborted()
-            try:
-                result = operation()
-            except TimeoutError:
-                if time.monotonic() - self._last_activity >= self.idle_timeout:
-                    raise TimeoutError("idle timeout") from None
-                continue
-            self._last_activity = time.monotonic()
-            return result
-
-    def _check_not_aborted(self) -> None:
-        if self.failure is not None:
-            raise _Aborted
 
 
 @dataclass
@@ -269,7 +225,7 @@ def relay_and_close(
     """Relay until both directions end, then close both (a reset if aborted)."""
     relay = record.relay = Relay(plain, stream, idle_timeout)
     try:
-        failure = relay.run(pending)
+        failure = relay.serve(pending)
     finally:
         stream.close()
     if failure is None:
