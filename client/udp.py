@@ -48,10 +48,7 @@ class LocalAssociation(Association):
         """Relay until the client closes its TCP connection; None, or why it was aborted."""
         self._control.settimeout(POLL_INTERVAL)
         self._udp.settimeout(POLL_INTERVAL)
-        try:
-            return self.run(self._watch_control, self._uplink, self._downlink)
-        finally:
-            self._udp.close()
+        return self.run(self._watch_control, self._uplink, self._downlink)
 
     def _watch_control(self) -> None:
         """Returns when the client closes its TCP connection (what it sends there is dropped)."""

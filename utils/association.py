@@ -17,7 +17,8 @@ from utils.udp import MAX_DATAGRAM, DatagramDecoder
 class Association(Tunnel):
     """Workers move datagrams until one side ends, the association idles out or fails.
 
-    Its sockets time out every POLL_INTERVAL, so that their readers look for a stop.
+    Its sockets belong to the connection (utils/base.py ``ConnectionSockets``); each is set
+    to time out every POLL_INTERVAL here, so that its reader looks for a stop.
     """
 
     def run(self, main: Callable[[], None], *workers: Callable[[], None]) -> str | None:

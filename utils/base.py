@@ -1,4 +1,5 @@
-"""What local.py and server.py share: the threaded TCP server and the relay.
+"""What local.py and server.py share: the threaded TCP server, the relay and the object
+that closes a connection's sockets (ConnectionSockets).
 
 The relay moves bytes between a plain socket (the SOCKS client on the local, the
 destination on the server) and its stream in the encrypted session, one thread per
@@ -55,12 +56,6 @@ def set_reset_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def close_with_reset(sock: socket.socket) -> None:
-    """Close so that the peer sees a reset, not an EOF: the transfer did not complete."""
-    set_reset_on_close(sock)
-    sock.close()
-
-
 def quietly_shutdown(sock: socket.socket, how: int) -> None:
     try:
         sock.shutdown(how)
@@ -74,10 +69,12 @@ def format_peer(address: Any) -> str:
 
 
 class LiveTunnel(Protocol):
-    """A relay or a UDP association, as the access log and a shutdown see it."""
+    """A relay, a UDP association or the HTTP front, as the access log, a shutdown and
+    the connection's sockets see it."""
 
     to_channel: int
     to_plain: int
+    failure: str | None  # None while it runs and after a clean end
 
     def abort(self, reason: str) -> None: ...
 
@@ -186,10 +183,85 @@ class AccessRecord:
         )
 
 
+class ConnectionSockets:
+    """What one client connection has opened, closed in one place on every path.
+
+    Whoever opens a socket for the connection registers it here at once: the plain TCP
+    side (the client on the local, the destination on the server), the stream in the
+    session, a UDP socket. The end of the ``with`` block (a clean end, a refusal, an
+    error) closes each of them once, as the end calls for: when the connection's tunnel
+    (``record.relay``) was aborted, the access line says so and the plain side gets a TCP
+    reset, so that a client never takes a cut-off transfer for a complete one; a stream
+    is RESET when the tunnel was aborted or an exception ended the connection, so that the
+    peer lets go of its end too. Everything else closes cleanly.
+    """
+
+    def __init__(self, record: AccessRecord) -> None:
+        self.record = record
+        self._plain: list[socket.socket] = []
+        self._udp: list[socket.socket] = []
+        self._streams: list[Stream] = []
+
+    def plain(self, sock: socket.socket) -> socket.socket:
+        self._plain.append(sock)
+        return sock
+
+    def udp(self, sock: socket.socket) -> socket.socket:
+        self._udp.append(sock)
+        return sock
+
+    def stream(self, stream: Stream) -> Stream:
+        self._streams.append(stream)
+        return stream
+
+    def __enter__(self) -> ConnectionSockets:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        self.close(exc)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close everything registered (once: a second call finds nothing left)."""
+        tunnel = self.record.relay
+        failure = None if tunnel is None else tunnel.failure
+        if failure is not None:
+            self.record.outcome = f"aborted: {failure}"
+        self._end_streams(failure or (None if error is None else describe(error)))
+        self._close_sockets(reset=failure is not None)
+
+    def _end_streams(self, reset: str | None) -> None:
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            if reset is not None:
+                stream.abort(reset)
+            stream.close()
+
+    def _close_sockets(self, reset: bool) -> None:
+        plain, self._plain = self._plain, []
+        for sock in plain:
+            if reset:
+                set_reset_on_close(sock)
+            else:  # as socketserver does: the FIN before a reset for bytes left unread
+                quietly_shutdown(sock, socket.SHUT_WR)
+            _close(sock)
+        udp, self._udp = self._udp, []
+        for sock in udp:
+            _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # an error of one close must not keep the others open
+        sock.close()
+
+
 class TunnelHandler(socketserver.BaseRequestHandler):
-    """The common handler: subclasses set up one tunnel in ``serve``, then call ``relay``."""
+    """The common handler: subclasses set up one tunnel in ``serve``, then call ``relay``.
+
+    ``sockets`` holds what the connection opens, the client's socket first.
+    """
 
     server: ProxyServer
+    sockets: ConnectionSockets
     idle_timeout: float = 300.0
     plain_is_client = True  # the local relays for the client; the server for the destination
 
@@ -199,7 +271,8 @@ class TunnelHandler(socketserver.BaseRequestHandler):
             format_peer(self.client_address), plain_is_client=self.plain_is_client
         )
         try:
-            with self.server.tracking(record):
+            with self.server.tracking(record), ConnectionSockets(record) as self.sockets:
+                self.sockets.plain(self.request)
                 self.serve(record)
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
@@ -212,27 +285,20 @@ class TunnelHandler(socketserver.BaseRequestHandler):
     def relay(
         self, plain: socket.socket, stream: Stream, record: AccessRecord, pending: bytes = b""
     ) -> None:
-        relay_and_close(plain, stream, record, self.idle_timeout, pending)
+        run_relay(record, plain, stream, self.idle_timeout, pending)
 
 
-def relay_and_close(
+def run_relay(
+    record: AccessRecord,
     plain: socket.socket,
     stream: Stream,
-    record: AccessRecord,
     idle_timeout: float,
     pending: bytes = b"",
 ) -> None:
-    """Relay until both directions end, then close both (a reset if aborted)."""
-    relay = record.relay = Relay(plain, stream, idle_timeout)
-    try:
-        failure = relay.serve(pending)
-    finally:
-        stream.close()
-    if failure is None:
-        plain.close()
-    else:
-        record.outcome = f"aborted: {failure}"
-        close_with_reset(plain)
+    """Relay until both directions end; the connection's ``ConnectionSockets`` closes both."""
+    relay = Relay(plain, stream, idle_timeout)
+    record.relay = relay
+    relay.serve(pending)
 
 
 def log_access(record: AccessRecord) -> None:
