@@ -97,12 +97,8 @@ class LocalHandler(TunnelHandler):
         except BaseException:
             client.sendall(answer(Reply.GENERAL_FAILURE, None))
             raise
-        try:
-            client.sendall(answer(reply, bind))
-        except BaseException:
-            stream.abort("client gone")
-            stream.close()
-            raise
+        self.sockets.stream(stream)
+        client.sendall(answer(reply, bind))
         if reply != Reply.SUCCEEDED:
             record.outcome = reply.name.lower()
             return
@@ -122,7 +118,7 @@ class LocalHandler(TunnelHandler):
         if not pending and wait_readable(client, FAST_OPEN_WAIT, None):
             pending = client.recv(MAX_EARLY_DATA - 512)  # b"" (an EOF) reappears in the relay
         stream, _, _ = self.server.connector.open(request, deadline, early=pending, wait=False)
-        self.relay(client, stream, record)
+        self.relay(client, self.sockets.stream(stream), record)
 
     def _dispatch(
         self, client: socket.socket, deadline: Deadline, record: AccessRecord
@@ -148,16 +144,15 @@ class LocalHandler(TunnelHandler):
         """UDP ASSOCIATE: a relay port next to our TCP address, datagrams through the channel."""
         host = plain_ip(client.getsockname()[0])
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        relay_socket = socket.socket(family, socket.SOCK_DGRAM)
+        relay_socket = self.sockets.udp(socket.socket(family, socket.SOCK_DGRAM))
         try:
             relay_socket.bind((host, 0))
             stream, reply, _ = self.server.connector.open(request, deadline)
         except BaseException:
-            relay_socket.close()
             client.sendall(build_reply(Reply.GENERAL_FAILURE))
             raise
+        self.sockets.stream(stream)
         if reply != Reply.SUCCEEDED:
-            relay_socket.close()
             client.sendall(build_reply(reply))
             record.outcome = reply.name.lower()
             return
@@ -170,12 +165,7 @@ class LocalHandler(TunnelHandler):
             idle_timeout=self.idle_timeout,
         )
         record.relay = association
-        try:
-            failure = association.serve()
-        finally:
-            stream.close()
-        if failure is not None:
-            record.outcome = f"aborted: {failure}"
+        association.serve()
 
     def _greet(
         self, client: socket.socket, deadline: Deadline, http_head: bytes

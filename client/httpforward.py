@@ -18,15 +18,10 @@ import threading
 from typing import TYPE_CHECKING
 
 from client.streams import Stream, close_stream, interrupt_stream, receive, set_stream_timeout
-from utils.base import (
-    AccessRecord,
-    close_with_reset,
-    describe,
-    quietly_shutdown,
-    set_reset_on_close,
-)
+from utils.base import AccessRecord, quietly_shutdown, set_reset_on_close
 from utils.channel import Deadline, recv_some
 from utils.errors import ProtocolError, SockproxyError
+from utils.events import describe
 from utils.httpconnect import END_OF_HEAD, MAX_HEAD_SIZE, HttpProxyError
 from utils.httpproxy import (
     BodyReader,
@@ -126,7 +121,8 @@ class HttpForwarder:
     # --- the connection
 
     def serve(self, buffer: bytes) -> None:
-        """Serve requests until the client or a response ends the connection."""
+        """Serve requests until the client or a response ends the connection (after an
+        abort the handler's ConnectionSockets resets the client and logs the reason)."""
         self.record.relay = self
         self.client.settimeout(self.config.timeouts.idle)
         try:
@@ -136,10 +132,6 @@ class HttpForwarder:
                 raise  # not an abort: the handler logs it as the outcome
         finally:
             self._end_stream(graceful=self.failure is None)
-            if self.failure is not None:
-                close_with_reset(self.client)  # now: a close by socketserver would FIN first
-        if self.failure is not None:
-            self.record.outcome = f"aborted: {self.failure}"
 
     def _serve(self, buffer: bytes) -> None:
         while True:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
-from client.streams import close_stream
 from utils.base import AccessRecord
 from utils.channel import Deadline, recv_some
 from utils.events import greeting_phase
@@ -35,13 +34,9 @@ def serve_socks4(
     except BaseException:
         client.sendall(build_reply(granted=False))
         raise
-    try:
-        client.sendall(build_reply(reply == Reply.SUCCEEDED, bind))
-    except BaseException:
-        close_stream(stream)
-        raise
+    handler.sockets.stream(stream)
+    client.sendall(build_reply(reply == Reply.SUCCEEDED, bind))
     if reply != Reply.SUCCEEDED:
-        close_stream(stream)
         record.outcome = reply.name.lower()
         return
     handler.relay(client, stream, record, pending)

@@ -17,11 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from utils.base import describe, set_nodelay
+from utils.base import set_nodelay
 from utils.channel import Deadline, recv_some
 from utils.config import LocalConfig, ServerEndpoint
 from utils.crypto import RsaKey
 from utils.errors import SockproxyError
+from utils.events import describe
 from utils.handshake import ClientHandshake, ServerPublic, SessionKeys
 from utils.keys import fingerprint
 from utils.mux import data_frames, open_frame

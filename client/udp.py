@@ -6,13 +6,12 @@ import contextlib
 import logging
 import socket
 
-from utils.association import POLL_INTERVAL, Association
+from utils.association import Association
 from utils.errors import Socks5Error
-from utils.platform_support import recv_datagram
 from utils.session import Stream
 from utils.socks5 import Address
+from utils.stopping import POLL_INTERVAL
 from utils.udp import (
-    MAX_DATAGRAM,
     build_socks_datagram,
     encode_channel_datagram,
     parse_socks_datagram,
@@ -46,28 +45,19 @@ class LocalAssociation(Association):
         self._client_port = client[1]  # 0: learn it from the first datagram
 
     def serve(self) -> str | None:
+        """Relay until the client closes its TCP connection; None, or why it was aborted."""
         self._control.settimeout(POLL_INTERVAL)
         self._udp.settimeout(POLL_INTERVAL)
-        try:
-            return self.run(self._watch_control, self._uplink, self._downlink)
-        finally:
-            self._udp.close()
+        return self.run(self._watch_control, self._uplink, self._downlink)
 
     def _watch_control(self) -> None:
-        """The association ends when the client closes its TCP connection."""
-        while not self.stopping:
-            try:
-                if not self._control.recv(4096):
-                    return
-            except TimeoutError:
-                self.check_idle()
+        """Returns when the client closes its TCP connection (what it sends there is dropped)."""
+        while self.wait(lambda: self._control.recv(4096)):
+            pass
 
     def _uplink(self) -> None:
-        while not self.stopping:
-            received = recv_datagram(self._udp, MAX_DATAGRAM)  # None: timeout or ICMP reset
-            if received is None:
-                continue
-            data, source = received
+        while True:
+            data, source = self.next_datagram(self._udp)
             if not self._is_client(source):
                 log.debug("dropped a datagram from %s: not the client", source[0])
                 continue

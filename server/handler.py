@@ -14,20 +14,21 @@ from collections.abc import Iterator
 from server.destinations import Destinations
 from server.limits import TunnelLimits
 from server.replay import ReplayFilter
-from server.udp import ExitAssociation
+from server.udp import ExitAssociation, open_udp_socket
 from utils.base import (
     AccessRecord,
+    ConnectionSockets,
     ProxyServer,
-    describe,
     format_peer,
     log_access,
-    relay_and_close,
+    run_relay,
     set_nodelay,
 )
 from utils.channel import Deadline, recv_some
 from utils.config import AuthorizedKey, ServerConfig
 from utils.crypto import rsa_sign
 from utils.errors import SockproxyError
+from utils.events import describe
 from utils.handshake import (
     AuthorizedPeer,
     ClientInit,
@@ -231,23 +232,23 @@ class ExitHandler(socketserver.BaseRequestHandler):
         record = AccessRecord(self.peer, identity=self.identity, plain_is_client=False)
         slot = self.server.stream_slots.acquire(blocking=False)
         try:
-            with self.server.tracking(record):
+            with self.server.tracking(record), ConnectionSockets(record) as sockets:
+                sockets.stream(stream)
                 if not slot:
                     log.warning("refused a stream from %s: max_connections reached", self.peer)
                     record.outcome = "max_connections reached"
                     stream.reply(encode_tunnel_reply(Reply.GENERAL_FAILURE, NO_ADDRESS))
                     return
-                self._serve_request(stream, decode_tunnel_request(message), record)
+                self._serve_request(sockets, stream, decode_tunnel_request(message))
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
-            stream.abort(record.outcome)
         finally:
-            stream.close()
             if slot:
                 self.server.stream_slots.release()
             log_access(record)
 
-    def _serve_request(self, stream: Stream, request: Request, record: AccessRecord) -> None:
+    def _serve_request(self, sockets: ConnectionSockets, stream: Stream, request: Request) -> None:
+        record = sockets.record
         record.target = str(request.address)
         udp = request.command == CMD_UDP_ASSOCIATE
         refused = self.server.limits.admit(self.identity, udp)
@@ -257,37 +258,33 @@ class ExitHandler(socketserver.BaseRequestHandler):
             stream.reply(encode_tunnel_reply(Reply.GENERAL_FAILURE, NO_ADDRESS))
             return
         try:
-            self._serve_admitted(stream, request, record, udp)
+            self._serve_admitted(sockets, stream, request, udp)
         finally:
             self.server.limits.release(self.identity, udp)
 
     def _serve_admitted(
-        self, stream: Stream, request: Request, record: AccessRecord, udp: bool
+        self, sockets: ConnectionSockets, stream: Stream, request: Request, udp: bool
     ) -> None:
         if udp:
-            self._associate(stream, record)
+            self._associate(sockets, stream)
             return
         target, reply = self._connect(request)
         if target is None:
-            record.outcome = reply.name.lower()
+            sockets.record.outcome = reply.name.lower()
             stream.reply(encode_tunnel_reply(reply, NO_ADDRESS))
             return
-        try:
-            set_nodelay(target)
-            host, port = target.getsockname()[:2]
-            stream.reply(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
-        except BaseException:
-            target.close()
-            raise
-        relay_and_close(target, stream, record, self.server.config.timeouts.idle)
+        sockets.plain(target)
+        set_nodelay(target)
+        host, port = target.getsockname()[:2]
+        stream.reply(encode_tunnel_reply(Reply.SUCCEEDED, Address(host, port)))
+        run_relay(sockets.record, target, stream, self.server.config.timeouts.idle)
 
-    def _associate(self, stream: Stream, record: AccessRecord) -> None:
-        association = ExitAssociation(stream, self.server.destinations)  # its socket first
+    def _associate(self, sockets: ConnectionSockets, stream: Stream) -> None:
+        udp_socket = open_udp_socket(sockets)  # before the reply: it may fail
+        association = ExitAssociation(stream, self.server.destinations, udp_socket)
         stream.reply(encode_tunnel_reply(Reply.SUCCEEDED, NO_ADDRESS))
-        record.relay = association
-        failure = association.serve()
-        if failure is not None:
-            record.outcome = f"aborted: {failure}"
+        sockets.record.relay = association
+        association.serve()
 
     def _connect(self, request: Request) -> tuple[socket.socket | None, Reply]:
         """Resolve (here, not at the local), check the rules, connect: a socket or a REP code."""

@@ -7,11 +7,12 @@ import logging
 import socket
 
 from server.destinations import Destinations
-from utils.association import POLL_INTERVAL, Association
-from utils.platform_support import recv_datagram
+from utils.association import Association
+from utils.base import ConnectionSockets
 from utils.replyfilter import ReplyFilter
 from utils.session import Stream
 from utils.socks5 import Address, Reply
+from utils.stopping import POLL_INTERVAL
 from utils.udp import MAX_DATAGRAM, encode_channel_datagram, plain_ip
 
 log = logging.getLogger("sockproxy.udp")
@@ -19,26 +20,17 @@ log = logging.getLogger("sockproxy.udp")
 MAX_ANSWER = MAX_DATAGRAM - 19  # what still fits a channel frame with an IPv6 source
 
 
-def open_udp_socket() -> socket.socket:
-    """A dual-stack socket (IPv4 through mapped addresses), or IPv4 only where v6 is off."""
+def open_udp_socket(sockets: ConnectionSockets) -> socket.socket:
+    """A dual-stack socket (IPv4 through mapped addresses), or IPv4 only where v6 is off;
+    ``sockets`` owns it from the start, so that a failed set-up closes it too."""
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock = sockets.udp(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
     except OSError:
-        return _bound(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("0.0.0.0", 0))
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    except OSError:
-        sock.close()
-        raise
-    return _bound(sock, ("::", 0))
-
-
-def _bound(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
-    try:
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
+        sock = sockets.udp(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sock.bind(("0.0.0.0", 0))
+        return sock
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
     return sock
 
 
@@ -49,18 +41,18 @@ class ExitAssociation(Association):
     destination this association has sent to come back.
     """
 
-    def __init__(self, stream: Stream, destinations: Destinations) -> None:
+    def __init__(
+        self, stream: Stream, destinations: Destinations, udp_socket: socket.socket
+    ) -> None:
         super().__init__(stream, destinations.config.timeouts.idle)
         self._destinations = destinations
-        self._udp = open_udp_socket()
+        self._udp = udp_socket
         self._peers = ReplyFilter()
 
     def serve(self) -> str | None:
+        """Relay until the local ends the stream; None, or why it was aborted."""
         self._udp.settimeout(POLL_INTERVAL)
-        try:
-            return self.run(self._uplink, self._downlink)
-        finally:
-            self._udp.close()
+        return self.run(self._uplink, self._downlink)
 
     def _uplink(self) -> None:
         self.datagrams_from_channel(self._send)
@@ -93,11 +85,8 @@ class ExitAssociation(Association):
         return target
 
     def _downlink(self) -> None:
-        while not self.stopping:
-            received = recv_datagram(self._udp, MAX_DATAGRAM)  # None: timeout or ICMP reset
-            if received is None:
-                continue
-            data, source = received
+        while True:
+            data, source = self.next_datagram(self._udp)
             peer = plain_ip(source[0]), source[1]
             if not self._peers.admits(peer) or len(data) > MAX_ANSWER:
                 continue  # not an answer, or too big to frame with its address: dropped

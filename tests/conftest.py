@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from utils.handshake import SessionKeys
+from utils.session import Session, Stream
 from utils.socks5 import (
     CMD_CONNECT,
     METHOD_NO_AUTH,
@@ -49,6 +51,55 @@ SOCKET_TIMEOUT = 30.0
 SMALL_SIZE = 1_000_000
 BIG_SIZE = 50 * 1024 * 1024
 SINK_KEEP = 4 * 1024 * 1024  # the sink keeps at most this many bytes for prefix checks
+
+
+# --------------------------------------------------------------------------- in-process sessions
+
+
+class Sessions:
+    """Two sessions over a socketpair with their readers running (keys without a handshake):
+    ``stream_pair()`` gives the two ends of a new stream, for tests of what runs on one."""
+
+    def __init__(self) -> None:
+        self._socks = socket.socketpair()
+        forward, backward = os.urandom(32), os.urandom(32)
+        self.near = Session(self._socks[0], SessionKeys(send=forward, receive=backward))
+        self.far = Session(self._socks[1], SessionKeys(send=backward, receive=forward))
+        self._readers = [
+            threading.Thread(target=session.read_loop, daemon=True)
+            for session in (self.near, self.far)
+        ]
+        for reader in self._readers:
+            reader.start()
+        self._last_id = 0
+
+    def stream_pair(self) -> tuple[Stream, Stream]:
+        self._last_id += 1
+        return self.near.add(self._last_id), self.far.add(self._last_id)
+
+    def close(self) -> None:
+        for session in (self.near, self.far):
+            session.close("test over")
+        for reader in self._readers:
+            reader.join(5)
+        for sock in self._socks:
+            sock.close()
+
+
+@pytest.fixture
+def sessions() -> Iterator[Sessions]:
+    pair = Sessions()
+    yield pair
+    pair.close()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Both ends of a loopback TCP connection (a socketpair cannot show a reset)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname()[:2], timeout=SOCKET_TIMEOUT)
+        far, _ = listener.accept()
+    far.settimeout(SOCKET_TIMEOUT)
+    return near, far
 
 
 # --------------------------------------------------------------------------- small helpers

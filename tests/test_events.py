@@ -6,9 +6,8 @@ import errno
 
 import pytest
 
-from utils.base import describe
 from utils.errors import ChannelError
-from utils.events import ClientGone, client_event, event, greeting_phase
+from utils.events import ClientGone, client_event, describe, event, greeting_phase
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ each one runs once, at a size that keeps this file well under 90 s on two cores.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,15 @@ from tests.conftest import (
     Sink,
     SocksRefused,
     TCPServer,
+    free_port,
     read_to_end,
+    set_reset_on_close,
     socks_request,
     wait_for,
 )
 from tests.faults_support import (
+    IO_TIMEOUT,
+    Accounting,
     Echo,
     EndlessDownload,
     Pusher,
@@ -64,7 +69,9 @@ from utils.keys import (
     load_server_public_key,
     write_pair,
 )
-from utils.socks5 import Reply
+from utils.socks4 import CMD_CONNECT as SOCKS4_CONNECT
+from utils.socks4 import build_request as build_socks4_request
+from utils.socks5 import CMD_CONNECT, CMD_UDP_ASSOCIATE, Address, Reply, build_greeting
 
 SLOWLORIS_CONNECTIONS = 200
 GENERAL_FAILURE = b"\x05\x01\x00\x01" + bytes(6)
@@ -116,6 +123,85 @@ def test_max_connections_refuses_at_once_and_stays_responsive(
     assert report.refused == 200
     assert report.works_after.ok
     assert report.rss_after_kb - report.rss_before_kb < 16 * 1024
+
+
+EARLY_END_ROUNDS = 10
+
+
+def test_connections_that_end_early_leave_no_fd_or_thread_behind(
+    launcher: Launcher, echo: TCPServer
+) -> None:
+    """Refusals, failures and aborts of each kind, many times over, through both programs:
+    every socket they opened for them is closed (fds and threads back to the baseline)."""
+    server, local = launcher.pair(server={"destination_deny": ["127.0.0.2/32"]})
+    ends = _early_ends(local.port, free_port(), echo.port)
+    for end in ends:  # once first: lazy imports and pooled threads belong to the baseline
+        end()
+    accounting = Accounting()
+    accounting.start_all({"local": local, "server": server})
+    for _ in range(EARLY_END_ROUNDS):
+        for end in ends:
+            end()
+    for label, program in (("local", local), ("server", server)):
+        accounting.finish(label, program)
+    assert not accounting.problems(), accounting.column("fds")
+
+
+def _early_ends(port: int, closed_port: int, echo_port: int) -> list[Callable[[], None]]:
+    """Each way a client connection through the local can end early, as a call that makes
+    one such connection and checks how it ended."""
+
+    def refused(host: str, dport: int, reply: Reply, command: int = CMD_CONNECT) -> None:
+        result = socks_request(port, host, dport, command)
+        with result.sock:
+            assert result.reply == reply
+            assert read_to_end(result.sock, result.rest) == (b"", "eof")
+
+    def raw(message: bytes, answer: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(message)
+            data, ended = read_to_end(sock)
+            assert data.startswith(answer) and ended == "eof", (data, ended)
+
+    http_connect = f"CONNECT 127.0.0.1:{closed_port} HTTP/1.1\r\n\r\n".encode()
+    socks4 = build_socks4_request(SOCKS4_CONNECT, Address("127.0.0.1", closed_port))
+    return [
+        functools.partial(refused, "127.0.0.1", closed_port, Reply.CONNECTION_REFUSED),
+        functools.partial(refused, "127.0.0.2", echo_port, Reply.NOT_ALLOWED),
+        functools.partial(refused, "127.0.0.1", echo_port, Reply.COMMAND_NOT_SUPPORTED, 2),
+        functools.partial(_gone_before_the_greeting, port),
+        functools.partial(raw, build_greeting(b"\x02"), b"\x05\xff"),  # no acceptable method
+        functools.partial(raw, http_connect, b"HTTP/1.1 502 "),
+        functools.partial(raw, socks4, b"\x00\x5b"),
+        functools.partial(_udp_association, port),
+        functools.partial(_relay, port, echo_port, reset=True),
+        functools.partial(_relay, port, echo_port, reset=False),
+    ]
+
+
+def _gone_before_the_greeting(port: int) -> None:
+    socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT).close()
+
+
+def _udp_association(port: int) -> None:
+    """A UDP association that its client ends at once (by closing its TCP connection)."""
+    result = socks_request(port, "0.0.0.0", 0, CMD_UDP_ASSOCIATE)
+    with result.sock:
+        assert result.reply == Reply.SUCCEEDED
+
+
+def _relay(port: int, echo_port: int, reset: bool) -> None:
+    """A relayed echo that the client ends with a reset (an aborted relay) or a half-close."""
+    result = socks_request(port, "127.0.0.1", echo_port)
+    with result.sock as sock:
+        assert result.reply == Reply.SUCCEEDED
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        if reset:
+            set_reset_on_close(sock)
+        else:
+            sock.shutdown(socket.SHUT_WR)
+            assert read_to_end(sock) == (b"", "eof")
 
 
 # --------------------------------------------------------------------------- kill -9

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -208,6 +209,54 @@ def _relay_closed(client: socket.socket, relay: Address, target: Address) -> boo
     except (TimeoutError, ConnectionRefusedError):
         return True
     return False
+
+
+# --------------------------------------------------------------------------- idle timeout
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.parametrize("side", ["local", "server"])
+def test_an_idle_tunnel_is_cut_alike_for_tcp_and_udp(
+    launcher: Launcher, echo_server: TCPServer, udp_echo: UDPServer, kind: str, side: str
+) -> None:
+    """Nothing moves for the idle_timeout of one side: that side logs "aborted: idle
+    timeout", the other an abort, and the client's TCP connection (the relayed one, or the
+    control connection of the association) gets a reset, never a clean-looking end."""
+    short, long = {"idle_timeout": 1}, {"idle_timeout": 60}
+    server, local = launcher.pair(
+        server=short if side == "server" else long, local=short if side == "local" else long
+    )
+    sock = _one_exchange(kind, local.port, echo_server, udp_echo)
+    quiet_since = time.monotonic()
+    with sock:
+        sock.settimeout(10)
+        assert read_to_end(sock)[1] == "reset"
+    assert time.monotonic() - quiet_since < 1 + 3  # the timeout, then a poll interval and slack
+    idle, other = (local, server) if side == "local" else (server, local)
+    assert wait_for(lambda: _logged(idle, "outcome=aborted: idle timeout"), 5), idle.stderr()
+    assert wait_for(lambda: _logged(other, "outcome=aborted: "), 5), other.stderr()
+
+
+def _one_exchange(
+    kind: str, port: int, echo_server: TCPServer, udp_echo: UDPServer
+) -> socket.socket:
+    """A tunnel of ``kind`` that has carried one message each way; its TCP socket."""
+    if kind == "tcp":
+        result = socks_request(port, "127.0.0.1", echo_server.port)
+        result.sock.sendall(b"ping")
+        assert result.sock.recv(4) == b"ping"
+        return result.sock
+    control, relay = _associate(port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(SOCKET_TIMEOUT)
+        datagram = build_socks_datagram(Address("127.0.0.1", udp_echo.port), b"ping")
+        client.sendto(datagram, (relay.host, relay.port))
+        assert client.recvfrom(65535)[0].endswith(b"gnip")
+    return control
+
+
+def _logged(program: Program, text: str) -> bool:
+    return any(text in line for line in access_lines(program.stderr()))
 
 
 # --------------------------------------------------------------------------- HTTP CONNECT

@@ -1,4 +1,5 @@
-"""What local.py and server.py share: the threaded TCP server and the relay.
+"""What local.py and server.py share: the threaded TCP server, the relay and the object
+that closes a connection's sockets (ConnectionSockets).
 
 The relay moves bytes between a plain socket (the SOCKS client on the local, the
 destination on the server) and its stream in the encrypted session, one thread per
@@ -12,28 +13,29 @@ client can never mistake a cut-off transfer for a complete one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from utils.channel import ReadSize
 from utils.config import Whitelist
 from utils.errors import SockproxyError
-from utils.events import event
+from utils.events import describe
 from utils.mux import MAX_RECORD_DATA
 from utils.platform_support import exclusive_bind_option, wait_readable, wait_writable
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
-from utils.workers import WORKERS, Completion
+from utils.stopping import POLL_INTERVAL, Tunnel
+from utils.workers import WORKERS
 
 log = logging.getLogger("sockproxy")
-T = TypeVar("T")
 access_log = logging.getLogger("sockproxy.access")
 
 LISTEN_BACKLOG = 4096
@@ -54,29 +56,11 @@ def set_reset_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def close_with_reset(sock: socket.socket) -> None:
-    """Close so that the peer sees a reset, not an EOF: the transfer did not complete."""
-    set_reset_on_close(sock)
-    sock.close()
-
-
 def quietly_shutdown(sock: socket.socket, how: int) -> None:
     try:
         sock.shutdown(how)
     except OSError:
         pass  # already closed or never connected: nothing left to wake
-
-
-def describe(exc: BaseException) -> str:
-    """A short, secret-free reason for the logs: an event where we can name one."""
-    named = event(exc)
-    if named is not None:
-        return named
-    if isinstance(exc, SockproxyError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return type(exc).__name__
 
 
 def format_peer(address: Any) -> str:
@@ -85,19 +69,14 @@ def format_peer(address: Any) -> str:
 
 
 class LiveTunnel(Protocol):
-    """A relay or a UDP association, as the access log and a shutdown see it."""
+    """A relay, a UDP association or the HTTP front, as the access log, a shutdown and
+    the connection's sockets see it."""
 
     to_channel: int
     to_plain: int
+    failure: str | None  # None while it runs and after a clean end
 
     def abort(self, reason: str) -> None: ...
-
-
-class _Aborted(Exception):
-    """The other direction failed; this one stops without a clean end."""
-
-
-POLL_INTERVAL = 1.0  # how often a reader blocked on a quiet plain socket checks for an abort
 
 
 # Where send() can be told not to wait (not on Windows, which then always takes the writer
@@ -105,48 +84,25 @@ POLL_INTERVAL = 1.0  # how often a reader blocked on a quiet plain socket checks
 NON_BLOCKING_SEND = getattr(socket, "MSG_DONTWAIT", 0)
 
 
-@dataclass
-class Relay:
+class Relay(Tunnel):
     """Both directions between ``plain`` and a stream until both have ended."""
 
-    plain: socket.socket
-    stream: Stream
-    idle_timeout: float
-    to_channel: int = 0
-    to_plain: int = 0
-    failure: str | None = None
-    _last_activity: float = field(default_factory=time.monotonic)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, plain: socket.socket, stream: Stream, idle_timeout: float) -> None:
+        super().__init__(stream, idle_timeout)
+        self.plain = plain
 
-    def run(self, pending: bytes = b"") -> str | None:
+    def serve(self, pending: bytes = b"") -> str | None:
         """Relay until done; return None on a clean end, else the reason it failed."""
         self.plain.settimeout(self.idle_timeout)  # for sendall towards a slow reader
         if NON_BLOCKING_SEND:
             self.stream.write_through(self._write_now)
-        upstream = Completion(self._guard, self._pump_up, pending)
-        self._guard(self._pump_down)
-        upstream.join()
-        return self.failure
+        return self.run(self._pump_down, functools.partial(self._pump_up, pending))
 
-    def _guard(self, pump: Callable[..., None], *args: Any) -> None:
-        try:
-            pump(*args)
-        except _Aborted:
-            pass
-        except (OSError, SockproxyError) as exc:
-            self.abort(describe(exc))
-
-    def abort(self, reason: str) -> None:
-        """Stop both directions; the first reason wins."""
-        with self._lock:
-            if self.failure is not None:
-                return
-            self.failure = reason
+    def _interrupt(self) -> None:
         # Linger 0 now, not at close: if the process exits first (SIGTERM), the kernel
         # must reset, not send a FIN. SHUT_RD wakes a blocked reader where it can.
         set_reset_on_close(self.plain)
         quietly_shutdown(self.plain, socket.SHUT_RD)
-        self.stream.abort(reason)
 
     def _pump_up(self, pending: bytes) -> None:
         """Plain socket -> stream, then the stream's EOF."""
@@ -154,11 +110,12 @@ class Relay:
             self.stream.send(pending, self.idle_timeout)
             self.to_channel += len(pending)
         read_size = ReadSize(MAX_RECORD_DATA)
-        while data := self._wait(lambda: self._read_plain(read_size.size)):
+        while data := self.wait(lambda: self._read_plain(read_size.size)):
+            self.touch()
             read_size.update(len(data))
             self.stream.send(data, self.idle_timeout)
             self.to_channel += len(data)
-        self._check_not_aborted()
+        self.check_stopping()
         self.stream.send_end()
 
     def _write_now(self, data: bytes) -> int:
@@ -170,40 +127,24 @@ class Relay:
         except BlockingIOError:
             return 0
         self.to_plain += written
-        self._last_activity = time.monotonic()
+        self.touch()
         return written
 
     def _read_plain(self, size: int) -> bytes:
-        if not wait_readable(self.plain, POLL_INTERVAL, None):
+        if not wait_readable(self.plain, POLL_INTERVAL, self._stopping):
             raise TimeoutError("nothing to read yet")
         return self.plain.recv(size)
 
     def _pump_down(self) -> None:
         """Stream -> plain socket, then a half-close towards the plain side."""
-        while chunks := self._wait(lambda: self.stream.receive(POLL_INTERVAL)):
+        while chunks := self.wait(lambda: self.stream.receive(POLL_INTERVAL)):
+            self.touch()
             for chunk in chunks:
                 self.plain.sendall(chunk)
                 self.to_plain += len(chunk)
                 self.stream.consumed(len(chunk))
-        self._check_not_aborted()
+        self.check_stopping()
         self.plain.shutdown(socket.SHUT_WR)
-
-    def _wait(self, operation: Callable[[], T]) -> T:
-        """Run a blocking read; on timeout keep waiting while the other direction is busy."""
-        while True:
-            self._check_not_aborted()
-            try:
-                result = operation()
-            except TimeoutError:
-                if time.monotonic() - self._last_activity >= self.idle_timeout:
-                    raise TimeoutError("idle timeout") from None
-                continue
-            self._last_activity = time.monotonic()
-            return result
-
-    def _check_not_aborted(self) -> None:
-        if self.failure is not None:
-            raise _Aborted
 
 
 @dataclass
@@ -242,10 +183,85 @@ class AccessRecord:
         )
 
 
+class ConnectionSockets:
+    """What one client connection has opened, closed in one place on every path.
+
+    Whoever opens a socket for the connection registers it here at once: the plain TCP
+    side (the client on the local, the destination on the server), the stream in the
+    session, a UDP socket. The end of the ``with`` block (a clean end, a refusal, an
+    error) closes each of them once, as the end calls for: when the connection's tunnel
+    (``record.relay``) was aborted, the access line says so and the plain side gets a TCP
+    reset, so that a client never takes a cut-off transfer for a complete one; a stream
+    is RESET when the tunnel was aborted or an exception ended the connection, so that the
+    peer lets go of its end too. Everything else closes cleanly.
+    """
+
+    def __init__(self, record: AccessRecord) -> None:
+        self.record = record
+        self._plain: list[socket.socket] = []
+        self._udp: list[socket.socket] = []
+        self._streams: list[Stream] = []
+
+    def plain(self, sock: socket.socket) -> socket.socket:
+        self._plain.append(sock)
+        return sock
+
+    def udp(self, sock: socket.socket) -> socket.socket:
+        self._udp.append(sock)
+        return sock
+
+    def stream(self, stream: Stream) -> Stream:
+        self._streams.append(stream)
+        return stream
+
+    def __enter__(self) -> ConnectionSockets:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        self.close(exc)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close everything registered (once: a second call finds nothing left)."""
+        tunnel = self.record.relay
+        failure = None if tunnel is None else tunnel.failure
+        if failure is not None:
+            self.record.outcome = f"aborted: {failure}"
+        self._end_streams(failure or (None if error is None else describe(error)))
+        self._close_sockets(reset=failure is not None)
+
+    def _end_streams(self, reset: str | None) -> None:
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            if reset is not None:
+                stream.abort(reset)
+            stream.close()
+
+    def _close_sockets(self, reset: bool) -> None:
+        plain, self._plain = self._plain, []
+        for sock in plain:
+            if reset:
+                set_reset_on_close(sock)
+            else:  # as socketserver does: the FIN before a reset for bytes left unread
+                quietly_shutdown(sock, socket.SHUT_WR)
+            _close(sock)
+        udp, self._udp = self._udp, []
+        for sock in udp:
+            _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # an error of one close must not keep the others open
+        sock.close()
+
+
 class TunnelHandler(socketserver.BaseRequestHandler):
-    """The common handler: subclasses set up one tunnel in ``serve``, then call ``relay``."""
+    """The common handler: subclasses set up one tunnel in ``serve``, then call ``relay``.
+
+    ``sockets`` holds what the connection opens, the client's socket first.
+    """
 
     server: ProxyServer
+    sockets: ConnectionSockets
     idle_timeout: float = 300.0
     plain_is_client = True  # the local relays for the client; the server for the destination
 
@@ -255,7 +271,8 @@ class TunnelHandler(socketserver.BaseRequestHandler):
             format_peer(self.client_address), plain_is_client=self.plain_is_client
         )
         try:
-            with self.server.tracking(record):
+            with self.server.tracking(record), ConnectionSockets(record) as self.sockets:
+                self.sockets.plain(self.request)
                 self.serve(record)
         except (OSError, SockproxyError) as exc:
             record.outcome = describe(exc)
@@ -268,27 +285,20 @@ class TunnelHandler(socketserver.BaseRequestHandler):
     def relay(
         self, plain: socket.socket, stream: Stream, record: AccessRecord, pending: bytes = b""
     ) -> None:
-        relay_and_close(plain, stream, record, self.idle_timeout, pending)
+        run_relay(record, plain, stream, self.idle_timeout, pending)
 
 
-def relay_and_close(
+def run_relay(
+    record: AccessRecord,
     plain: socket.socket,
     stream: Stream,
-    record: AccessRecord,
     idle_timeout: float,
     pending: bytes = b"",
 ) -> None:
-    """Relay until both directions end, then close both (a reset if aborted)."""
-    relay = record.relay = Relay(plain, stream, idle_timeout)
-    try:
-        failure = relay.run(pending)
-    finally:
-        stream.close()
-    if failure is None:
-        plain.close()
-    else:
-        record.outcome = f"aborted: {failure}"
-        close_with_reset(plain)
+    """Relay until both directions end; the connection's ``ConnectionSockets`` closes both."""
+    relay = Relay(plain, stream, idle_timeout)
+    record.relay = relay
+    relay.serve(pending)
 
 
 def log_access(record: AccessRecord) -> None:

@@ -1,7 +1,7 @@
 """What happened to a connection, in words for the logs: events, not errno text.
 
-``describe`` (utils/base.py) asks ``event`` first; the local's greeting phase turns any
-socket error into a ``ClientGone`` that says what the client did and when.
+``describe`` asks ``event`` first; the local's greeting phase turns any socket error into a
+``ClientGone`` that says what the client did and when.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from utils.errors import ProtocolError
+from utils.errors import ProtocolError, SockproxyError
 
 
 class ClientGone(ProtocolError):
@@ -33,6 +33,18 @@ def event(exc: BaseException) -> str | None:
     if isinstance(exc, ConnectionError) and not exc.strerror:
         return str(exc) or "peer closed the connection"
     return None
+
+
+def describe(exc: BaseException) -> str:
+    """A short, secret-free reason for the logs: an event where we can name one."""
+    named = event(exc)
+    if named is not None:
+        return named
+    if isinstance(exc, SockproxyError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
 
 
 def client_event(exc: OSError, started: bool) -> ClientGone:
