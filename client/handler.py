@@ -90,6 +90,7 @@ class LocalHandler(TunnelHandler):
         answer = _http_answer if http else _socks_answer
         if config.fast_open:
             client.sendall(answer(Reply.SUCCEEDED, None))
+            self.sockets.promised()
             self._fast_open(client, request, deadline, record, pending)
             return
         try:

@@ -146,6 +146,20 @@ def test_fast_open_answers_at_once_and_resets_on_a_refused_destination(
     assert wait_for(lambda: "connection_refused" in server.stderr(), 5)
 
 
+def test_fast_open_resets_the_client_when_no_server_answers(module_launcher: Launcher) -> None:
+    """The client was told "succeeded" before the local knew whether any server would take
+    the request: when none does, the client must see a reset, never a clean-looking EOF."""
+    local = module_launcher.local(free_port(), fast_open=True)
+    try:
+        result = socks_request(local.port, "127.0.0.1", free_port())
+        assert result.reply == Reply.SUCCEEDED
+        with result.sock:
+            result.sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_to_end(result.sock, result.rest) == (b"", "reset")
+    finally:
+        local.stop()
+
+
 def test_fast_open_client_that_sends_nothing_first(
     fast: tuple[Any, Any], echo_server: TCPServer
 ) -> None:

@@ -201,6 +201,12 @@ class ConnectionSockets:
         self._plain: list[socket.socket] = []
         self._udp: list[socket.socket] = []
         self._streams: list[Stream] = []
+        self._promised = False
+
+    def promised(self) -> None:
+        """The client was told that the connection succeeded (fast open): from now on an
+        error that ends it resets the plain side, as an aborted relay does."""
+        self._promised = True
 
     def plain(self, sock: socket.socket) -> socket.socket:
         self._plain.append(sock)
@@ -227,7 +233,7 @@ class ConnectionSockets:
         if failure is not None:
             self.record.outcome = f"aborted: {failure}"
         self._end_streams(failure or (None if error is None else describe(error)))
-        self._close_sockets(reset=failure is not None)
+        self._close_sockets(reset=failure is not None or (self._promised and error is not None))
 
     def _end_streams(self, reset: str | None) -> None:
         streams, self._streams = self._streams, []
