@@ -25,7 +25,7 @@ from utils.errors import SockproxyError
 from utils.events import describe
 from utils.handshake import ClientHandshake, ServerPublic, SessionKeys
 from utils.keys import fingerprint
-from utils.mux import data_frames, open_frame
+from utils.mux import opening_frames
 from utils.session import Session, Stream, StreamReset
 from utils.socks5 import Address, Reply, Request, decode_tunnel_reply, encode_tunnel_request
 from utils.workers import WORKERS
@@ -93,7 +93,7 @@ class LocalSession:
         with self._lock:  # ids must reach the server in increasing order
             stream = self.session.add(self._take_id())
             stream.sent_early(len(early))
-            self.session.send(open_frame(stream.id, request) + data_frames(stream.id, early))
+            self.session.send(opening_frames(stream.id, request, early))
         return stream
 
     def _take_id(self) -> int:
@@ -274,7 +274,7 @@ class Connector:
         handshake = ClientHandshake(
             self._identity, ServerPublic(endpoint.public_key, endpoint.static_share)
         )
-        first = open_frame(1, message) + data_frames(1, early)
+        first = opening_frames(1, message, early)
         deadline.arm(sock)
         sock.sendall(handshake.create_client_init(first))
         keys: SessionKeys | None = None

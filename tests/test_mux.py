@@ -10,6 +10,8 @@ from utils.errors import ProtocolError
 from utils.mux import (
     INITIAL_WINDOW,
     MAX_DATA_FRAME,
+    OPENING_GRANT,
+    STREAM_WINDOW,
     Frame,
     FrameDecoder,
     FrameType,
@@ -19,6 +21,7 @@ from utils.mux import (
     eof_frame,
     goaway_frame,
     open_frame,
+    opening_frames,
     ping_frame,
     window_frame,
     window_increment,
@@ -86,6 +89,23 @@ def test_data_is_split_at_the_frame_limit() -> None:
 def test_bad_frames_are_refused_from_their_header(wire: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         FrameDecoder().feed(wire[:7])  # the header alone is enough to refuse
+
+
+def test_a_stream_opens_with_its_window_raised_to_the_stream_window() -> None:
+    """The protocol starts each direction at INITIAL_WINDOW; the record that opens a stream
+    also grants the rest of STREAM_WINDOW, so a bulk stream never waits at 512 KiB."""
+    frames = FrameDecoder().feed(opening_frames(5, b"\x01request", b"early"))
+    assert [(f.type, f.stream) for f in frames] == [
+        (FrameType.OPEN, 5),
+        (FrameType.DATA, 5),
+        (FrameType.WINDOW, 5),
+    ]
+    assert window_increment(frames[2]) == OPENING_GRANT == STREAM_WINDOW - INITIAL_WINDOW
+    sender = SendWindow()
+    sender.grant(window_increment(frames[2]))
+    assert sender.take(10 * STREAM_WINDOW) == STREAM_WINDOW
+    no_early = FrameDecoder().feed(opening_frames(6, b"\x01request", b""))
+    assert [f.type for f in no_early] == [FrameType.OPEN, FrameType.WINDOW]
 
 
 def test_receive_window_grants_after_half_and_refuses_an_overrun() -> None:

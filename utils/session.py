@@ -25,6 +25,7 @@ from utils.handshake import SessionKeys
 from utils.mux import (
     MAX_RECORD_DATA,
     PING_SIZE,
+    STREAM_WINDOW,
     Frame,
     FrameDecoder,
     FrameType,
@@ -32,6 +33,7 @@ from utils.mux import (
     SendWindow,
     data_frame_parts,
     eof_frame,
+    opening_grant,
     ping_frame,
     reply_frame,
     reset_frame,
@@ -59,7 +61,7 @@ class Stream:
         self.session = session
         self._cond = threading.Condition()
         self._inbox: collections.deque[bytes] = collections.deque()
-        self._receive_window = ReceiveWindow()
+        self._receive_window = ReceiveWindow(STREAM_WINDOW)  # opened by the first frames
         self._send_window = SendWindow()
         self._peer_ended = False
         self._reset: str | None = None
@@ -131,8 +133,11 @@ class Stream:
             self._send_window.take(count)
 
     def reply(self, body: bytes) -> None:
-        """The server's answer to the OPEN."""
-        self.session.send(reply_frame(self.id, body))
+        """The server's answer to the OPEN; a success (REP 0x00) opens the receive window."""
+        accepted = body[:1] == b"\x00"
+        self.session.send(
+            reply_frame(self.id, body) + (opening_grant(self.id) if accepted else b"")
+        )
 
     def lost(self, reason: str) -> None:
         """The session ended under this stream."""
