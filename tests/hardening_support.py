@@ -42,7 +42,7 @@ from utils.crypto import TAG_SIZE, Ephemeral, RsaKey, static_x25519
 from utils.errors import SockproxyError
 from utils.keys import fingerprint_bytes, load_private_key, load_server_public_key
 from utils.mux import HEADER_SIZE as FRAME_HEADER_SIZE
-from utils.mux import open_frame
+from utils.mux import STREAM_WINDOW, open_frame
 from utils.socks5 import (
     CMD_CONNECT,
     Address,
@@ -73,9 +73,9 @@ DATA_RECORD_SIZE = record_size(FRAME_HEADER_SIZE + CHUNK)  # 1378 bytes
 # The transfers: fixed pseudo-random bytes, so a wrong byte anywhere shows.
 DOWNLOAD = random.Random(b"sockproxy download").randbytes(CHUNK * CHUNKS)
 UPLOAD = random.Random(b"sockproxy upload").randbytes(CHUNK * CHUNKS)
-# Past the 512 KiB flow-control window (utils/mux.py), so the receiver must send WINDOW
-# frames (one per 256 KiB it hands on) before the sender may finish.
-BIG = 768 * 1024
+# Past the stream's flow-control window (utils/mux.py), so the receiver must send WINDOW
+# frames (one per half window it hands on) before the sender may finish.
+BIG = STREAM_WINDOW * 3 // 2
 BIG_DOWNLOAD = random.Random(b"sockproxy big download").randbytes(BIG)
 BIG_UPLOAD = random.Random(b"sockproxy big upload").randbytes(BIG)
 
