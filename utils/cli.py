@@ -76,6 +76,13 @@ def parse_args(
 
 
 def setup_logging(level: str) -> None:
+    # Every connection logs an access line on each side: skip what each LogRecord would
+    # look up and the format never prints (the caller's frame, thread, process), as the
+    # logging HOWTO's "Optimization" section suggests.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
