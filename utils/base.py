@@ -20,7 +20,6 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -386,16 +385,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         finally:
             self._slots.release()
 
-    @contextlib.contextmanager
-    def tracking(self, record: AccessRecord) -> Iterator[None]:
-        """Keep ``record`` in the live table while its connection is served."""
-        with self._live_lock:
-            self._live[id(record)] = record
-        try:
-            yield
-        finally:
-            with self._live_lock:
-                del self._live[id(record)]
+    def shutdown_request(self, request: Any) -> None:
+        """socketserver's, but not for a socket the handler has closed already (a failed
+        shutdown() and its exception on every connection)."""
+        if request.fileno() != -1:
+            super().shutdown_request(request)
+
+    def tracking(self, record: AccessRecord) -> _Tracking:
+        """Keep ``record`` in the live table while its connection is served (a with block)."""
+        return _Tracking(self._live, self._live_lock, record)
 
     def abort_all(self, reason: str, grace: float = 3.0) -> None:
         """Abort every live tunnel (their clients get a reset, not a clean-looking EOF) and
@@ -423,6 +421,25 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error with %s", format_peer(client_address))
+
+
+class _Tracking:
+    """``ProxyServer.tracking``: a class, not a generator, as it runs for every connection."""
+
+    def __init__(
+        self, live: dict[int, AccessRecord], lock: threading.Lock, record: AccessRecord
+    ) -> None:
+        self._live = live
+        self._lock = lock
+        self._record = record
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._live[id(self._record)] = self._record
+
+    def __exit__(self, *_exc_info: object) -> None:
+        with self._lock:
+            del self._live[id(self._record)]
 
 
 def _family_of(host: str) -> socket.AddressFamily:

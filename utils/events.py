@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from types import TracebackType
 
 from utils.errors import ProtocolError, SockproxyError
 
@@ -60,10 +59,22 @@ def client_event(exc: OSError, started: bool) -> ClientGone:
     return ClientGone(f"client connection failed {phase}: {(exc.strerror or str(exc)).lower()}")
 
 
-@contextlib.contextmanager
-def greeting_phase(started: bool) -> Iterator[None]:
-    """Socket errors inside become ``ClientGone`` events (``started``: bytes have arrived)."""
-    try:
-        yield
-    except OSError as exc:
-        raise client_event(exc, started) from None
+class greeting_phase:  # noqa: N801 (used like the function it was)
+    """Socket errors inside become ``ClientGone`` events (``started``: bytes have arrived).
+
+    A class, not a generator-based context manager: it runs twice per connection."""
+
+    def __init__(self, started: bool) -> None:
+        self._started = started
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, OSError):
+            raise client_event(exc, self._started) from None

@@ -78,6 +78,19 @@ def _parse_ip(host: str) -> _IPAddress | None:
     return ip
 
 
+@functools.lru_cache(maxsize=1024)  # every connection makes a few Address values
+def _canonical_host(host: str) -> str:
+    """``host`` as an Address keeps it: canonical IP text, or a name's ASCII (IDNA) form."""
+    ip = _parse_ip(host)
+    return str(ip) if ip is not None else _domain_to_ascii(host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_text(packed: bytes) -> str:
+    """The canonical text of a 4- or 16-byte address."""
+    return str(ipaddress.ip_address(packed))
+
+
 def _check_domain_bytes(raw: bytes) -> None:
     """Reject a wire-form domain name that is empty, too long or not visible ASCII."""
     if not raw:
@@ -123,9 +136,7 @@ class Address:
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not 0 <= self.port <= 0xFFFF:
             raise Socks5Error(f"port out of range: {self.port!r}", reply=Reply.GENERAL_FAILURE)
-        ip = _parse_ip(self.host)
-        host = str(ip) if ip is not None else _domain_to_ascii(self.host)
-        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "host", _canonical_host(self.host))
 
     @property
     def atyp(self) -> int:
@@ -190,7 +201,7 @@ def decode_address(buf: BytesLike, offset: int = 0) -> tuple[Address, int] | Non
         _check_domain_bytes(raw)
         host = raw.decode("ascii")
     else:
-        host = str(ipaddress.ip_address(raw))
+        host = _ip_text(raw)
     return Address(host, port), offset + end
 
 
