@@ -205,3 +205,56 @@ def test_sealing_in_parts_is_sealing_the_joined_payload(parts: list[bytes]) -> N
     joined = b"".join(parts)
     assert b"".join(RecordOpener(KEY).feed(b"".join(records))) == joined
     assert len(records) == -(-len(joined) // MAX_RECORD_PAYLOAD)
+
+
+# One-cell records (every record of a short connection) take a path without the scratch
+# buffers on both sides; it must give and accept exactly what the general path does.
+ONE_CELL_RECORD = 2 + 16 + CELL_SIZE + 16
+
+
+@given(payload=st.binary(min_size=1, max_size=MAX_CELL_PAYLOAD), seed=seeds)
+@settings(max_examples=100, deadline=None)
+def test_one_cell_records_are_sealed_as_the_general_path_would(payload: bytes, seed: int) -> None:
+    randomness = _randomness(seed, 1)
+    sealed = RecordSealer(KEY, padding=lambda size: randomness[:size]).seal(payload)
+    aead = Aead(KEY)
+    expected = aead.seal((0).to_bytes(12, "big"), (1).to_bytes(2, "big")) + aead.seal(
+        (1).to_bytes(12, "big"), bytes(pack_cells(payload, randomness))
+    )
+    assert sealed == expected
+    assert len(sealed) == ONE_CELL_RECORD
+    assert RecordOpener(KEY).feed(sealed) == [payload]
+
+
+def test_a_read_of_one_cell_record_size_that_is_not_one_is_opened_as_before() -> None:
+    # The first bytes of a two-cell record: held until the rest arrives.
+    two = RecordSealer(KEY).seal(b"z" * 60)
+    opener = RecordOpener(KEY)
+    assert opener.feed(two[:ONE_CELL_RECORD]) == []
+    assert opener.feed(two[ONE_CELL_RECORD:]) == [b"z" * 60]
+    # One-cell records one after the other, each read on its own, then the end.
+    sealer = RecordSealer(KEY)
+    opener = RecordOpener(KEY)
+    for word in (b"a", b"bc", b"d" * 50):
+        assert opener.feed(sealer.seal(word)) == [word]
+    # The end-of-stream record and bytes after it, in a read of that size: refused.
+    end = sealer.seal_end()
+    with pytest.raises(ChannelError, match="after the end"):
+        opener.feed(end + bytes(ONE_CELL_RECORD - len(end)))
+
+
+def test_a_forged_one_cell_record_is_refused() -> None:
+    sealed = bytearray(RecordSealer(KEY).seal(b"hello"))
+    sealed[-1] ^= 1
+    with pytest.raises(ChannelError):
+        RecordOpener(KEY).feed(bytes(sealed))
+
+
+def test_one_cell_records_in_parts_are_the_same_bytes() -> None:
+    padding = _randomness(7, 2)
+    whole = RecordSealer(KEY, padding=lambda size: padding[:size]).seal(b"header" + b"x")
+    records: list[bytes] = []
+    RecordSealer(KEY, padding=lambda size: padding[:size]).seal_parts_to(
+        [b"header", memoryview(b"x")], lambda record: records.append(bytes(record))
+    )
+    assert records == [whole]
