@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402  (pytest.fail.Exception: what the launcher raises)
 
-from tests.conftest import Keys, Launcher, TCPServer  # noqa: E402
+from tests.conftest import Keys, Launcher, TCPServer, wait_for  # noqa: E402
 from tests.faults_support import (  # noqa: E402
     POOL_KEEP_IDLE,
     POOL_MAX_IDLE,
@@ -332,15 +332,20 @@ def probe_scenario(launcher: Launcher, rounds: int) -> ProbeReport:
     without a FIN, side by side: no byte back, a close at handshake_timeout, no RSA work."""
     server = launcher.server(handshake_timeout=PROBE_TIMEOUT)
     listener = TCPServer(lambda conn, _peer: conn.close())
+    # The genuine ClientInit's own request goes to a destination of its own: it is acted on
+    # once, and only its replay (one of the probes) could reach it a second time.
+    genuine_destination = TCPServer(lambda conn, _peer: conn.close())
     try:
         local = load_private_key(launcher.keys.dir / "local_private.pem")
-        request = b"\x01\x01\x7f\x00\x00\x01" + listener.port.to_bytes(2, "big")
+        port = genuine_destination.port.to_bytes(2, "big")
+        request = b"\x01\x01\x7f\x00\x00\x01" + port
         genuine = client_init(
             local, server_public(launcher.keys.dir / "server_public.pem"), open_frame(1, request)
         )
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(genuine)  # accepted once (its early data waits for a record)
+            sock.sendall(genuine)  # accepted once: the server connects to its destination
             sock.recv(65536)
+        wait_for(lambda: len(genuine_destination.peers) >= 1, 10)
         before = rsa_operations(server)
         jobs = [
             (name, data, fin)
@@ -352,9 +357,11 @@ def probe_scenario(launcher: Launcher, rounds: int) -> ProbeReport:
             results = list(
                 pool.map(lambda j: probe(server.port, j[0], j[1], j[2], PROBE_TIMEOUT + 5), jobs)
             )
-        return ProbeReport(results, before, rsa_operations(server), len(listener.peers))
+        reached = len(listener.peers) + len(genuine_destination.peers) - 1
+        return ProbeReport(results, before, rsa_operations(server), reached)
     finally:
         listener.close()
+        genuine_destination.close()
 
 
 def probes_row(bench: Bench, rounds: int) -> Row:
