@@ -202,10 +202,18 @@ def _unpack_one(cell: memoryview, last: bool) -> bytes:
     return bytes(cell[offset : offset + length])
 
 
-def _nonce(counter: int) -> bytes:
-    if counter > MAX_NONCE_COUNTER:
-        raise ChannelError("nonce counter exhausted; the connection must end")
-    return _NONCE.pack(counter)
+class _Nonces:
+    """The counter nonces of one direction: 0, 1, 2, ... (one per AES-GCM operation)."""
+
+    def __init__(self) -> None:
+        self._counter = 0
+
+    def next(self) -> bytes:
+        if self._counter > MAX_NONCE_COUNTER:
+            raise ChannelError("nonce counter exhausted; the connection must end")
+        nonce = _NONCE.pack(self._counter)
+        self._counter += 1
+        return nonce
 
 
 PADDING = PaddingSource()
@@ -235,14 +243,9 @@ class RecordSealer:
 
     def __init__(self, key: bytes, padding: Callable[[int], bytes] | None = None) -> None:
         self._aead = Aead(key)
-        self._counter = 0
+        self._nonces = _Nonces()
         self._fill = PADDING.fill if padding is None else _fill_from(padding)
         self.ended = False
-
-    def _next_nonce(self) -> bytes:
-        nonce = _nonce(self._counter)
-        self._counter += 1
-        return nonce
 
     def seal(self, payload: bytes | bytearray | memoryview) -> bytes:
         """Records carrying ``payload`` (any length, split at MAX_RECORD_PAYLOAD)."""
@@ -290,8 +293,8 @@ class RecordSealer:
         pack_cells_into(cells, chunk)
         record = buffer[_CELLS_AREA : _CELLS_AREA + SEALED_COUNT_SIZE + size + TAG_SIZE]
         count_bytes = COUNT_FORMAT.pack(count)
-        self._aead.seal_into(self._next_nonce(), count_bytes, record[:SEALED_COUNT_SIZE])
-        self._aead.seal_into(self._next_nonce(), cells, record[SEALED_COUNT_SIZE:])
+        self._aead.seal_into(self._nonces.next(), count_bytes, record[:SEALED_COUNT_SIZE])
+        self._aead.seal_into(self._nonces.next(), cells, record[SEALED_COUNT_SIZE:])
         return record
 
     def _seal_one(self, chunk: memoryview) -> bytes:
@@ -300,14 +303,14 @@ class RecordSealer:
         cell = bytearray(CELL_SIZE)
         self._fill(memoryview(cell))
         _pack_one(cell, chunk)
-        return self._aead.seal(self._next_nonce(), _ONE_CELL_COUNT) + self._aead.seal(
-            self._next_nonce(), cell
+        return self._aead.seal(self._nonces.next(), _ONE_CELL_COUNT) + self._aead.seal(
+            self._nonces.next(), cell
         )
 
     def seal_end(self) -> bytes:
         """The authenticated end-of-stream record."""
         self.ended = True
-        return self._aead.seal(self._next_nonce(), COUNT_FORMAT.pack(0))
+        return self._aead.seal(self._nonces.next(), COUNT_FORMAT.pack(0))
 
 
 class RecordOpener:
@@ -319,26 +322,21 @@ class RecordOpener:
 
     def __init__(self, key: bytes) -> None:
         self._aead = Aead(key)
-        self._counter = 0
+        self._nonces = _Nonces()
         self._buffer = bytearray()
         self._pending_cells = 0
         self.ended = False
 
-    def _next_nonce(self) -> bytes:
-        nonce = _nonce(self._counter)
-        self._counter += 1
-        return nonce
-
     def _open(self, sealed: memoryview) -> bytes:
         try:
-            return self._aead.open(self._next_nonce(), sealed)
+            return self._aead.open(self._nonces.next(), sealed)
         except AuthenticationError:
             raise ChannelError("record failed authentication") from None
 
     def _open_cells(self, sealed: memoryview, scratch: memoryview) -> memoryview:
         cells = scratch[: len(sealed) - TAG_SIZE]
         try:
-            self._aead.open_into(self._next_nonce(), sealed, cells)
+            self._aead.open_into(self._nonces.next(), sealed, cells)
         except AuthenticationError:
             raise ChannelError("record failed authentication") from None
         self._pending_cells = 0

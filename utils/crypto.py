@@ -242,14 +242,9 @@ class PaddingSource:
         self._stream = cipher.encryptor()
         self._lock = threading.Lock()
 
-    def take(self, size: int) -> bytes:
-        with self._lock, memoryview(_ZEROS) as zeros:
-            if size <= len(_ZEROS):
-                return self._stream.update(zeros[:size])
-            return self._stream.update(bytes(size))
-
     def fill(self, out: memoryview) -> None:
-        """Overwrite ``out`` with random bytes (no allocation: 6x faster than ``take``)."""
+        """Overwrite ``out`` with random bytes (update_into: no allocation, 6x faster than
+        update on 128 KB)."""
         with self._lock, memoryview(_ZEROS) as zeros:
             for start in range(0, len(out), len(zeros)):
                 part = out[start : start + len(zeros)]

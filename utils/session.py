@@ -41,6 +41,7 @@ from utils.mux import (
     window_increment,
 )
 from utils.platform_support import wait_writable
+from utils.socks5 import Reply
 from utils.workers import WORKERS
 
 log = logging.getLogger("sockproxy.session")
@@ -134,7 +135,7 @@ class Stream:
 
     def reply(self, body: bytes) -> None:
         """The server's answer to the OPEN; a success (REP 0x00) opens the receive window."""
-        accepted = body[:1] == b"\x00"
+        accepted = body[:1] == bytes((Reply.SUCCEEDED,))
         self.session.send(
             reply_frame(self.id, body) + (opening_grant(self.id) if accepted else b"")
         )
