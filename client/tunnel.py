@@ -280,8 +280,7 @@ class Connector:
         keys: SessionKeys | None = None
         while keys is None:
             keys = handshake.consume_server_response(recv_some(sock, deadline, 16 * 1024))
-        sock.settimeout(SEND_TIMEOUT)
-        live = LocalSession(server, Session(sock, keys), self._lifetime)
+        live = LocalSession(server, Session(sock, keys, SEND_TIMEOUT), self._lifetime)
         stream = live.first_stream(early)
         WORKERS.submit(live.run_reader, handshake.trailing_data())
         if handshake.early_deferred:  # the server waits for a record under the new keys

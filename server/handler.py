@@ -206,9 +206,9 @@ class ExitHandler(socketserver.BaseRequestHandler):
         response = handshake.create_server_response(defer_early=defer)
         assert handshake.keys is not None
         self.identity = init.peer.name
-        session = Session(sock, handshake.keys)
         sock.settimeout(SESSION_TIMEOUT)
         sock.sendall(response)
+        session = Session(sock, handshake.keys, SESSION_TIMEOUT)
         log.info("session from %s (%s) opened", self.peer, self.identity)
         with self.server.session_tracking(session, init.fingerprint):
             try:

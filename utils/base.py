@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from utils.channel import ReadSize
+from utils.channel import ReadSize, receive, send_all, send_now
 from utils.config import Whitelist
 from utils.errors import SockproxyError
 from utils.events import describe
 from utils.mux import MAX_RECORD_DATA
-from utils.platform_support import exclusive_bind_option, wait_readable, wait_writable
+from utils.platform_support import exclusive_bind_option
 from utils.ratelimit import LimitedLog
 from utils.session import Stream
 from utils.stopping import POLL_INTERVAL, Tunnel
@@ -78,11 +78,6 @@ class LiveTunnel(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
-# Where send() can be told not to wait (not on Windows, which then always takes the writer
-# thread's path).
-NON_BLOCKING_SEND = getattr(socket, "MSG_DONTWAIT", 0)
-
-
 class Relay(Tunnel):
     """Both directions between ``plain`` and a stream until both have ended."""
 
@@ -92,9 +87,8 @@ class Relay(Tunnel):
 
     def serve(self, pending: bytes = b"") -> str | None:
         """Relay until done; return None on a clean end, else the reason it failed."""
-        self.plain.settimeout(self.idle_timeout)  # for sendall towards a slow reader
-        if NON_BLOCKING_SEND:
-            self.stream.write_through(self._write_now)
+        self.plain.setblocking(False)  # utils/channel.py: waits are ours, with stop checks
+        self.stream.write_through(self._write_now)
         return self.run(self._pump_down, functools.partial(self._pump_up, pending))
 
     def _interrupt(self) -> None:
@@ -119,27 +113,24 @@ class Relay(Tunnel):
 
     def _write_now(self, data: bytes) -> int:
         """For the session's reader: what the plain socket takes at once (never waits)."""
-        if not wait_writable(self.plain):
-            return 0
-        try:
-            written = self.plain.send(data, NON_BLOCKING_SEND)
-        except BlockingIOError:
-            return 0
-        self.to_plain += written
-        self.touch()
+        written = send_now(self.plain, data)
+        if written:
+            self.to_plain += written
+            self.touch()
         return written
 
     def _read_plain(self, size: int) -> bytes:
-        if not wait_readable(self.plain, POLL_INTERVAL, self._stopping):
+        data = receive(self.plain, size, POLL_INTERVAL, self._stopping)
+        if data is None:
             raise TimeoutError("nothing to read yet")
-        return self.plain.recv(size)
+        return data
 
     def _pump_down(self) -> None:
         """Stream -> plain socket, then a half-close towards the plain side."""
         while chunks := self.wait(lambda: self.stream.receive(POLL_INTERVAL)):
             self.touch()
             for chunk in chunks:
-                self.plain.sendall(chunk)
+                send_all(self.plain, chunk, self.idle_timeout, self._stopping)
                 self.to_plain += len(chunk)
                 self.stream.consumed(len(chunk))
         self.check_stopping()

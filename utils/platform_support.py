@@ -174,26 +174,38 @@ def wait_readable(sock: socket.socket, timeout: float | None, stop: Stop = None)
     """Wait until ``sock`` is readable: True; False on ``timeout`` or once ``stop`` is set.
 
     ``stop`` is a ``threading.Event`` (or anything with ``is_set()``) or a callable returning
-    True to give up. The wait is a series of short selects, so a reader wakes within
-    ``_WAKE_INTERVAL`` of a stop on every platform (``shutdown()`` from another thread does
-    not wake a blocked ``recv`` on Windows). A closed socket counts as readable: the read
-    that follows then reports the error.
+    True to give up. With a ``stop`` the wait is a series of short selects, so a reader wakes
+    within ``_WAKE_INTERVAL`` of a stop on every platform (``shutdown()`` from another thread
+    does not wake a blocked ``recv`` on Windows). A closed socket counts as readable: the
+    read that follows then reports the error.
     """
+    return _wait(sock, _POLLIN, timeout, stop)
+
+
+def wait_writable(sock: socket.socket, timeout: float | None = 0.0, stop: Stop = None) -> bool:
+    """Whether ``sock`` takes bytes now (the default: never waits) or within ``timeout``;
+    ``stop`` as for ``wait_readable``. A broken socket counts as writable: the send that
+    follows reports the error."""
+    return _wait(sock, _POLLOUT, timeout, stop)
+
+
+def _wait(sock: socket.socket, events: int, timeout: float | None, stop: Stop) -> bool:
     stopped = _stop_check(stop)
     deadline = None if timeout is None else time.monotonic() + timeout
     while not stopped():
-        slice_ = _WAKE_INTERVAL
-        if deadline is not None:
-            slice_ = min(slice_, deadline - time.monotonic())
-            if slice_ <= 0:
-                return False
+        slice_ = None if stop is None else _WAKE_INTERVAL
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None:
+            slice_ = max(0.0, left if slice_ is None else min(slice_, left))
         if sock.fileno() < 0:
             return True
         try:
-            if _ready(sock, _POLLIN, slice_):
+            if _ready(sock, events, slice_):
                 return True
         except (OSError, ValueError):
             return True
+        if left is not None and left <= (slice_ or 0.0):
+            return False
     return False
 
 
@@ -201,27 +213,20 @@ _POLLIN = getattr(select, "POLLIN", 1)
 _POLLOUT = getattr(select, "POLLOUT", 4)
 
 
-def _ready(sock: socket.socket, events: int, seconds: float) -> bool:
-    """One wait for ``events``: poll() where it exists (no FD_SETSIZE limit: a proxy holds
-    thousands of sockets), select() elsewhere (Windows, whose select has no such limit)."""
+def _ready(sock: socket.socket, events: int, seconds: float | None) -> bool:
+    """One wait for ``events`` (``seconds`` None: no limit): poll() where it exists (no
+    FD_SETSIZE limit: a proxy holds thousands of sockets), select() elsewhere (Windows,
+    whose select has no such limit)."""
     poll = getattr(select, "poll", None)
     if poll is not None:
         poller = poll()
         poller.register(sock, events)
-        return bool(poller.poll(seconds * 1000))
+        return bool(poller.poll(None if seconds is None else seconds * 1000))
     lists: tuple[list[socket.socket], list[socket.socket]] = (
         ([sock], []) if events == _POLLIN else ([], [sock])
     )
     readable, writable, _ = select.select(lists[0], lists[1], [], seconds)
     return bool(readable or writable)
-
-
-def wait_writable(sock: socket.socket) -> bool:
-    """Whether ``sock`` takes bytes right now (never waits)."""
-    try:
-        return _ready(sock, _POLLOUT, 0)
-    except (OSError, ValueError):
-        return False
 
 
 def _stop_check(stop: Stop) -> Callable[[], bool]:

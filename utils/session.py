@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from utils.cells import RecordOpener, RecordSealer
-from utils.channel import ReadSize
+from utils.channel import ReadSize, receive, receive_into, send_all
 from utils.errors import ChannelError, ProtocolError, SockproxyError
 from utils.handshake import SessionKeys
 from utils.mux import (
@@ -226,8 +226,13 @@ class Stream:
 class Session:
     """Records over one TCP connection, and the streams they carry."""
 
-    def __init__(self, sock: socket.socket, keys: SessionKeys) -> None:
+    def __init__(
+        self, sock: socket.socket, keys: SessionKeys, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """``timeout``: a socket that brings no byte, or takes none, for this long is dead."""
+        sock.setblocking(False)  # utils/channel.py: one system call per send and per read
         self.sock = sock
+        self.timeout = timeout
         self._sealer = RecordSealer(keys.send)
         self._opener = RecordOpener(keys.receive)
         self._decoder = FrameDecoder()
@@ -253,13 +258,16 @@ class Session:
             raise StreamReset(self.closed)
         try:
             if isinstance(frames, list):
-                self._sealer.seal_parts_to(frames, self.sock.sendall)
+                self._sealer.seal_parts_to(frames, self._send_record)
             else:
-                self._sealer.seal_to(frames, self.sock.sendall)
+                self._sealer.seal_to(frames, self._send_record)
         except BaseException as exc:
             # A record may be half-sent: the byte stream is broken for every stream.
             self._fail(f"send failed: {type(exc).__name__}")
             raise
+
+    def _send_record(self, record: memoryview) -> None:
+        send_all(self.sock, record, self.timeout)
 
     def send_quietly(self, frames: bytes) -> None:
         try:
@@ -290,7 +298,7 @@ class Session:
         with self._send_lock:
             if self.closed is None and not self._sealer.ended:
                 try:
-                    self.sock.sendall(self._sealer.seal_end())
+                    send_all(self.sock, self._sealer.seal_end(), self.timeout)
                     self.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
@@ -342,13 +350,16 @@ class Session:
         while not self._opener.ended:
             if len(buffer) != read_size.size:
                 buffer = bytearray(read_size.size)
-            received = self.sock.recv_into(buffer)
+            received = receive_into(self.sock, buffer, self.timeout)
             if not received:
                 self._opener.check_clean_eof()
                 return
             read_size.update(received)
             self._feed(memoryview(buffer)[:received], on_open)
-        if self.sock.recv(1):
+        rest = receive(self.sock, 1, self.timeout)
+        if rest is None:
+            raise TimeoutError("no EOF after the end of stream")
+        if rest:
             raise ChannelError("bytes after the end of stream")
 
     def _feed(
