@@ -33,6 +33,7 @@ from utils.platform_support import (
     raise_open_file_limit,
     stop_signals,
 )
+from utils.workers import WORKERS
 
 VERSION = "2.0.0"  # the wire is protocol version 2 (docs/PROTOCOL.md)
 EXIT_CONFIG = 2
@@ -168,6 +169,7 @@ def serve(server: ProxyServer, on_reload: Callable[[ProxyServer], None] | None) 
     for handled in (*stop_signals(), summary, reload):
         if handled is not None:
             signal.signal(handled, queue_signal)
+    WORKERS.prestart()
     loop = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     loop.start()
     log.info("listening on %s", format_peer(server.server_address))

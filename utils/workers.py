@@ -24,16 +24,37 @@ Task = tuple[Callable[..., object], tuple[Any, ...]]
 
 
 class WorkerPool:
-    """An elastic pool: reuse an idle worker if there is one, else start a new one."""
+    """An elastic pool: reuse an idle worker if there is one, else start a new one.
 
-    def __init__(self, keep_idle: float = 2.0, max_idle: int = 8, reuse_below: int = 32) -> None:
+    ``reserve`` workers never expire (``prestart`` starts them), so the first connections
+    of a burst (a page load: a dozen connections, two tasks each in each program) find
+    threads waiting even after a quiet hour; up to ``max_idle`` stay parked for
+    ``keep_idle`` seconds after a burst.
+    """
+
+    def __init__(
+        self,
+        keep_idle: float = 2.0,
+        max_idle: int = 8,
+        reuse_below: int = 32,
+        reserve: int = 0,
+    ) -> None:
         self._keep_idle = keep_idle
-        self._max_idle = max_idle
+        self._max_idle = max(max_idle, reserve)
         self._reuse_below = reuse_below
+        self._reserve = reserve
         self._lock = threading.Lock()
         self._idle = 0  # workers waiting, minus tasks already queued for them
         self._busy = 0  # workers running a task
         self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
+
+    def prestart(self) -> None:
+        """Start the reserve's workers now (at program start), parked for the first tasks."""
+        with self._lock:
+            missing = self._reserve - self._idle
+            self._idle += max(missing, 0)
+        for _ in range(missing):
+            threading.Thread(target=self._park_first, daemon=True).start()
 
     def submit(self, function: Callable[..., object], *args: Any) -> None:
         with self._lock:
@@ -42,6 +63,9 @@ class WorkerPool:
                 self._tasks.put((function, args))
                 return
         threading.Thread(target=self._work, args=((function, args),), daemon=True).start()
+
+    def _park_first(self) -> None:
+        self._work(self._wait_for_task())
 
     def _work(self, task: Task | None) -> None:
         while task is not None:
@@ -61,22 +85,31 @@ class WorkerPool:
         with self._lock:
             # Reuse pays off for a steady trickle of connections. In a burst, a thread that
             # exits gives its stack pages back (glibc frees them), a parked one keeps them.
-            if self._idle >= self._max_idle or self._busy >= self._reuse_below:
+            reserve_full = self._idle >= self._reserve
+            if reserve_full and (self._idle >= self._max_idle or self._busy >= self._reuse_below):
                 return None
             self._idle += 1
-        try:
-            return self._tasks.get(timeout=self._keep_idle)
-        except queue.Empty:
-            with self._lock:
-                # A task may have been queued for us between the timeout and the lock.
-                try:
-                    return self._tasks.get_nowait()
-                except queue.Empty:
-                    self._idle -= 1
-                    return None
+        return self._wait_for_task()
+
+    def _wait_for_task(self) -> Task | None:
+        """Park (counted in ``_idle`` already) until a task comes, or leave after
+        ``keep_idle`` unless the reserve needs this worker."""
+        while True:
+            try:
+                return self._tasks.get(timeout=self._keep_idle)
+            except queue.Empty:
+                with self._lock:
+                    # A task may have been queued for us between the timeout and the lock.
+                    try:
+                        return self._tasks.get_nowait()
+                    except queue.Empty:
+                        if self._idle <= self._reserve:
+                            continue  # one of the reserve: keep waiting
+                        self._idle -= 1
+                        return None
 
 
-WORKERS = WorkerPool()
+WORKERS = WorkerPool(keep_idle=10.0, max_idle=64, reserve=32)
 
 
 class Completion:
