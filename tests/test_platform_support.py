@@ -290,3 +290,26 @@ def test_recv_datagram_skips_connection_reset(monkeypatch: pytest.MonkeyPatch) -
             raise ConnectionResetError(10054, "WSAECONNRESET")
 
     assert ps.recv_datagram(Resetting(), 10) is None  # type: ignore[arg-type]
+
+
+def test_wait_writable_now_or_within_a_timeout_or_until_stopped() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert ps.wait_writable(a)  # an empty send buffer: at once
+        a.setblocking(False)
+        while True:  # fill both buffers: no reader
+            try:
+                a.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        assert not ps.wait_writable(a)
+        start = time.monotonic()
+        assert not ps.wait_writable(a, 0.3)
+        assert 0.25 <= time.monotonic() - start < 2.0
+        stop = threading.Event()
+        threading.Timer(0.2, stop.set).start()
+        start = time.monotonic()
+        assert not ps.wait_writable(a, None, stop)
+        assert time.monotonic() - start < 0.2 + 2 * ps._WAKE_INTERVAL + 0.5
+        threading.Timer(0.2, lambda: b.recv(1 << 20)).start()
+        assert ps.wait_writable(a, 5.0)  # the reader made room

@@ -109,3 +109,34 @@ def test_workers_leave_instead_of_parking_during_a_burst() -> None:
         time.sleep(0.01)
     assert threading.active_count() == before + 6
     release.set()
+
+
+def test_the_reserve_is_started_ahead_and_never_expires() -> None:
+    """prestart() parks ``reserve`` workers; they take tasks without a thread start and
+    stay after keep_idle, while workers beyond the reserve leave."""
+    pool = WorkerPool(keep_idle=0.2, max_idle=6, reserve=3)
+    before = {thread.ident for thread in threading.enumerate()}
+    pool.prestart()
+    pool.prestart()  # the reserve is full already: no more threads
+    reserve = {thread.ident for thread in threading.enumerate()} - before
+    assert len(reserve) == 3
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    ran_on: list[int | None] = []
+
+    def hold() -> None:
+        ran_on.append(threading.get_ident())
+        started.release()
+        release.wait(5)
+
+    for _ in range(6):
+        pool.submit(hold)
+    for _ in range(6):
+        assert started.acquire(timeout=5)
+    assert reserve < set(ran_on)  # the first three ran on the reserve, three more on new threads
+    extra = set(ran_on) - reserve
+    assert len(extra) == 3
+    release.set()
+    time.sleep(1.0)  # five times keep_idle
+    alive = {thread.ident for thread in threading.enumerate()}
+    assert len((reserve | extra) & alive) == 3  # as many as the reserve stayed, no more
