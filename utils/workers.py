@@ -9,8 +9,9 @@ only while few tasks run (``reuse_below``) and at most ``max_idle`` at a time: a
 thread keeps its stack pages resident, an exiting one gives them back, which keeps the
 memory of a 1,000-connection burst about 25 MB lower (measured with socksbench). A reserve
 of workers, started with the program, never expires: a page load after a quiet hour finds
-threads waiting (32 cost about 540 kB of RSS; the median connection of a burst of 50
-finished 9 % sooner with them, bench/connect_path.py).
+threads waiting (32 cost about 540 kB of RSS; with them a burst of 50 new connections
+after 3 quiet seconds finished its median connection 5-20 % sooner and its slowest 10-15 %
+sooner, bench/connect_path.py, two interleaved runs each).
 """
 
 from __future__ import annotations
