@@ -98,9 +98,10 @@ class WorkerPool:
     def _wait_for_task(self) -> Task | None:
         """Park (counted in ``_idle`` already) until a task comes, or leave after
         ``keep_idle`` unless the reserve needs this worker."""
+        timeout: float | None = self._keep_idle
         while True:
             try:
-                return self._tasks.get(timeout=self._keep_idle)
+                return self._tasks.get(timeout=timeout)
             except queue.Empty:
                 with self._lock:
                     # A task may have been queued for us between the timeout and the lock.
@@ -108,7 +109,10 @@ class WorkerPool:
                         return self._tasks.get_nowait()
                     except queue.Empty:
                         if self._idle <= self._reserve:
-                            continue  # one of the reserve: keep waiting
+                            # One of the reserve: wait without waking up every keep_idle
+                            # (an idle local on a laptop should not wake for nothing).
+                            timeout = None
+                            continue
                         self._idle -= 1
                         return None
 
