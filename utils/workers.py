@@ -8,10 +8,12 @@ a busy worker, so the two directions of a relay can never block each other. Work
 only while few tasks run (``reuse_below``) and at most ``max_idle`` at a time: a parked
 thread keeps its stack pages resident, an exiting one gives them back, which keeps the
 memory of a 1,000-connection burst about 25 MB lower (measured with socksbench). A reserve
-of workers, started with the program, never expires: a page load after a quiet hour finds
-threads waiting (32 cost about 540 kB of RSS; with them a burst of 50 new connections
-after 3 quiet seconds finished its median connection 5-20 % sooner and its slowest 10-15 %
-sooner, bench/connect_path.py, two interleaved runs each).
+of workers, started with the program, never expires: a page load after a quiet while finds
+threads waiting. 32 cost about 540 kB of RSS; a burst of 16 new connections after 3 quiet
+seconds (bench/connect_path.py --burst 16 --rounds 30, two interleaved runs each) then
+finished its median connection in 35-37 ms instead of 38-41 and its slowest in 44-45
+instead of 51-52. In a burst the reserve refills like any parking (only while few tasks
+run), so 1,000 connections at once peak as before (socksbench: 124-156 MB, 138-155 without).
 """
 
 from __future__ import annotations
@@ -89,8 +91,7 @@ class WorkerPool:
         with self._lock:
             # Reuse pays off for a steady trickle of connections. In a burst, a thread that
             # exits gives its stack pages back (glibc frees them), a parked one keeps them.
-            reserve_full = self._idle >= self._reserve
-            if reserve_full and (self._idle >= self._max_idle or self._busy >= self._reuse_below):
+            if self._idle >= self._max_idle or self._busy >= self._reuse_below:
                 return None
             self._idle += 1
         return self._wait_for_task()
@@ -117,7 +118,7 @@ class WorkerPool:
                         return None
 
 
-WORKERS = WorkerPool(keep_idle=10.0, max_idle=64, reserve=32)
+WORKERS = WorkerPool(reserve=32)
 
 
 class Completion:
