@@ -115,17 +115,17 @@ def test_the_reserve_is_started_ahead_and_never_expires() -> None:
     """prestart() parks ``reserve`` workers; they take tasks without a thread start and
     stay after keep_idle, while workers beyond the reserve leave."""
     pool = WorkerPool(keep_idle=0.2, max_idle=6, reserve=3)
-    before = {thread.ident for thread in threading.enumerate()}
+    before = set(threading.enumerate())  # Thread objects: an ident may be reused
     pool.prestart()
     pool.prestart()  # the reserve is full already: no more threads
-    reserve = {thread.ident for thread in threading.enumerate()} - before
+    reserve = set(threading.enumerate()) - before
     assert len(reserve) == 3
     release = threading.Event()
     started = threading.Semaphore(0)
-    ran_on: list[int | None] = []
+    ran_on: list[threading.Thread] = []
 
     def hold() -> None:
-        ran_on.append(threading.get_ident())
+        ran_on.append(threading.current_thread())
         started.release()
         release.wait(5)
 
@@ -137,6 +137,9 @@ def test_the_reserve_is_started_ahead_and_never_expires() -> None:
     extra = set(ran_on) - reserve
     assert len(extra) == 3
     release.set()
-    time.sleep(1.0)  # five times keep_idle
-    alive = {thread.ident for thread in threading.enumerate()}
-    assert len((reserve | extra) & alive) == 3  # as many as the reserve stayed, no more
+    deadline = time.monotonic() + 5  # keep_idle is 0.2 s: the extra ones leave soon
+    while len((reserve | extra) & set(threading.enumerate())) > 3:
+        assert time.monotonic() < deadline, "workers beyond the reserve did not leave"
+        time.sleep(0.05)
+    time.sleep(1.0)  # five times keep_idle more: the reserve stays
+    assert len((reserve | extra) & set(threading.enumerate())) == 3
