@@ -313,3 +313,33 @@ def test_wait_writable_now_or_within_a_timeout_or_until_stopped() -> None:
         assert time.monotonic() - start < 0.2 + 2 * ps._WAKE_INTERVAL + 0.5
         threading.Timer(0.2, lambda: b.recv(1 << 20)).start()
         assert ps.wait_writable(a, 5.0)  # the reader made room
+
+
+def test_a_wait_is_sliced_only_when_a_stop_can_end_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One wait for the whole timeout without a stop (an idle session wakes only when
+    needed); 0.2 s slices with one (utils/test_client.py relies on them for Ctrl-C)."""
+    waits: list[float | None] = []
+
+    def nothing_comes(_sock: socket.socket, _events: int, seconds: float | None) -> bool:
+        waits.append(seconds)
+        time.sleep(seconds or 0.0)
+        return False
+
+    monkeypatch.setattr(ps, "_ready", nothing_comes)
+    a, b = socket.socketpair()
+    with a, b:
+        assert not ps.wait_readable(a, 0.5, None)
+        assert len(waits) == 1 and 0.4 < (waits[0] or 0) <= 0.5
+        waits.clear()
+        assert not ps.wait_readable(a, 0.5, lambda: False)
+        assert len(waits) >= 2 and all(w is not None and w <= ps._WAKE_INTERVAL for w in waits)
+
+
+def test_wait_edge_cases_zero_timeout_and_a_stop_set_before() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"x")
+        assert ps.wait_readable(a, 0.0, None)  # ready: True even with no time to wait
+        assert not ps.wait_readable(a, 5.0, lambda: True)  # stopped before: no wait at all
+        assert ps.wait_writable(a, 0.0)
+        assert not ps.wait_writable(a, -1.0, lambda: True)

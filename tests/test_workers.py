@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+
+import pytest
 
 from utils.workers import Completion, WorkerPool
 
@@ -143,3 +146,38 @@ def test_the_reserve_is_started_ahead_and_never_expires() -> None:
         time.sleep(0.05)
     time.sleep(1.0)  # five times keep_idle more: the reserve stays
     assert len((reserve | extra) & set(threading.enumerate())) == 3
+
+
+def test_a_refused_thread_start_leaves_the_reserve_short_not_miscounted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the system refuses a thread (pids or TasksMax), prestart keeps what it got and
+    says so; every task submitted later still runs (none waits for a worker that was never
+    started)."""
+    pool = WorkerPool(keep_idle=5.0, max_idle=3, reserve=3)
+    real_start = threading.Thread.start
+    starts: list[int] = []
+
+    def start_once(thread: threading.Thread) -> None:
+        starts.append(1)
+        if len(starts) > 1:
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once)
+    with caplog.at_level(logging.WARNING):
+        pool.prestart()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert "started 1 of 3 reserve worker threads" in caplog.text
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(5)
+
+    for _ in range(3):
+        pool.submit(hold)
+    for _ in range(3):
+        assert started.acquire(timeout=5)  # one on the reserve's worker, two on new threads
+    release.set()

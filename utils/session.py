@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from utils.cells import RecordOpener, RecordSealer
-from utils.channel import ReadSize, receive, receive_into, send_all
+from utils.channel import ReadSize, receive_into, send_all
 from utils.errors import ChannelError, ProtocolError, SockproxyError
 from utils.handshake import SessionKeys
 from utils.mux import (
@@ -356,10 +356,7 @@ class Session:
                 return
             read_size.update(received)
             self._feed(memoryview(buffer)[:received], on_open)
-        rest = receive(self.sock, 1, self.timeout)
-        if rest is None:
-            raise TimeoutError("no EOF after the end of stream")
-        if rest:
+        if receive_into(self.sock, bytearray(1), self.timeout):
             raise ChannelError("bytes after the end of stream")
 
     def _feed(

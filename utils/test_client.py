@@ -132,6 +132,10 @@ def parse_proxy(value: str) -> tuple[str, int]:
     return parts.hostname, DEFAULT_PROXY_PORT if port is None else port
 
 
+def _never() -> bool:
+    return False
+
+
 class _Conversation:
     """A socket, a receive buffer and the name of the step under way (for errors)."""
 
@@ -155,8 +159,9 @@ class _Conversation:
         del self.buf[:count]
 
     def _recv(self) -> bytes:
-        """One read, waited for in short selects: Ctrl-C stops a wait on Windows too."""
-        if not wait_readable(self.sock, self.sock.gettimeout(), None):
+        """One read, waited for in short selects (a stop that is never set asks for them):
+        Ctrl-C stops a wait on Windows too."""
+        if not wait_readable(self.sock, self.sock.gettimeout(), _never):
             raise TimeoutError("timed out")
         return self.sock.recv(65536)
 

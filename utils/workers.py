@@ -34,8 +34,9 @@ class WorkerPool:
 
     ``reserve`` workers never expire (``prestart`` starts them), so the first connections
     of a burst (a page load: a dozen connections, two tasks each in each program) find
-    threads waiting even after a quiet hour; up to ``max_idle`` stay parked for
-    ``keep_idle`` seconds after a burst.
+    threads waiting even after a quiet hour. At most ``max(max_idle, reserve)`` park; those
+    beyond the reserve leave after ``keep_idle`` seconds (with WORKERS' sizes, 32 and 32,
+    none is beyond it: the 32 that park stay).
     """
 
     def __init__(
@@ -55,12 +56,20 @@ class WorkerPool:
         self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
 
     def prestart(self) -> None:
-        """Start the reserve's workers now (at program start), parked for the first tasks."""
+        """Start the reserve's workers now (at program start), parked for the first tasks.
+        If the system refuses threads, the program runs with fewer (a warning says so)."""
         with self._lock:
             missing = self._reserve - self._idle
-            self._idle += max(missing, 0)
-        for _ in range(missing):
-            threading.Thread(target=self._park_first, daemon=True).start()
+        for started in range(max(missing, 0)):
+            with self._lock:
+                self._idle += 1  # counted before it runs: a task may be queued for it at once
+            try:
+                threading.Thread(target=self._park_first, daemon=True).start()
+            except RuntimeError:
+                with self._lock:
+                    self._idle -= 1
+                log.warning("started %d of %d reserve worker threads", started, missing)
+                return
 
     def submit(self, function: Callable[..., object], *args: Any) -> None:
         with self._lock:
