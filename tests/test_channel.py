@@ -89,12 +89,14 @@ def test_send_all_delivers_every_byte_to_a_slow_reader() -> None:
 
     reader = threading.Thread(target=read_slowly)
     reader.start()
+    progress: list[int] = []
     with a:
-        send_all(a, data, 5.0)
+        send_all(a, data, 5.0, progress=lambda: progress.append(1))
         a.shutdown(socket.SHUT_WR)
         reader.join(10)
     b.close()
     assert bytes(received) == data
+    assert len(progress) > 1  # each part the reader made room for counts as progress
 
 
 def test_send_all_times_out_when_the_peer_never_reads_and_stops_on_request() -> None:

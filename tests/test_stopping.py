@@ -7,6 +7,7 @@ stream saw (a RESET after an abort, an end of stream after a clean end).
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 from client.udp import LocalAssociation
 from tests.conftest import Sessions, tcp_pair
 from utils.base import Relay
+from utils.mux import INITIAL_WINDOW
 from utils.session import Stream, StreamReset
 from utils.stopping import IDLE_TIMEOUT, POLL_INTERVAL, Tunnel
 
@@ -31,6 +33,7 @@ class Running:
     def __init__(self, kind: str, sessions: Sessions, idle_timeout: float) -> None:
         stream, self.far = sessions.stream_pair()
         near, self.peer = tcp_pair()
+        self.near = near  # the tunnel's plain side (the peer is its client)
         self._sockets = [near, self.peer]
         self.tunnel: Relay | LocalAssociation
         if kind == "relay":
@@ -125,6 +128,31 @@ def test_a_clean_end_returns_none_and_ends_the_stream(
     tunnel.join(POLL_INTERVAL + SLACK + 5)
     assert tunnel.result is None
     assert tunnel.far_sees() == "end"
+
+
+def test_a_slow_client_that_keeps_reading_is_not_idle(
+    running: Callable[[str, float], Running],
+) -> None:
+    """Bytes trickling out to a slow client are traffic: a relay that takes longer than
+    idle_timeout to hand one batch on (a stream's window of bytes) is not cut as idle."""
+    idle = 1.0
+    tunnel = running("relay", idle)
+    tunnel.near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tunnel.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data = os.urandom(INITIAL_WINDOW)  # what the far stream may send without a grant
+    threading.Thread(target=tunnel.far.send, args=(data,), daemon=True).start()
+    received = bytearray()
+    tunnel.peer.settimeout(10)
+    while len(received) < len(data):
+        try:
+            chunk = tunnel.peer.recv(4096)
+        except TimeoutError:
+            chunk = b""
+        assert chunk, f"cut after {len(received)} bytes: {tunnel.tunnel.failure}"
+        received += chunk
+        time.sleep(0.02)  # at most ~200 KB/s: the whole takes over two idle timeouts
+    assert bytes(received) == data
+    assert tunnel.tunnel.failure is None
 
 
 def _quiet_reader(tunnel: Tunnel, stream: Stream) -> Callable[[], None]:

@@ -130,7 +130,7 @@ class Relay(Tunnel):
         while chunks := self.wait(lambda: self.stream.receive(POLL_INTERVAL)):
             self.touch()
             for chunk in chunks:
-                send_all(self.plain, chunk, self.idle_timeout, self._stopping)
+                send_all(self.plain, chunk, self.idle_timeout, self._stopping, self.touch)
                 self.to_plain += len(chunk)
                 self.stream.consumed(len(chunk))
         self.check_stopping()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 from utils.platform_support import Stop, wait_readable, wait_writable
 
@@ -99,14 +100,21 @@ def send_now(sock: socket.socket, data: bytes | memoryview) -> int:
 
 
 def send_all(
-    sock: socket.socket, data: bytes | memoryview, timeout: float, stop: Stop = None
+    sock: socket.socket,
+    data: bytes | memoryview,
+    timeout: float,
+    stop: Stop = None,
+    progress: Callable[[], object] | None = None,
 ) -> None:
     """sendall for a non-blocking socket: TimeoutError when it takes no byte for
-    ``timeout`` seconds (or once ``stop`` is set)."""
+    ``timeout`` seconds (or once ``stop`` is set); ``progress`` is called after each part
+    the socket took (a slow reader that keeps reading is not idle)."""
     view = memoryview(data)
     while view:
         sent = send_now(sock, view)
         if sent:
             view = view[sent:]
+            if progress is not None and view:
+                progress()
         elif not wait_writable(sock, timeout, stop):
             raise TimeoutError("the peer took no byte in time")
