@@ -30,7 +30,6 @@ import json
 import os
 import selectors
 import shlex
-import shutil
 import signal
 import socket
 import socketserver
@@ -42,13 +41,21 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peers import ssh_label, ssh_missing, start_sockproxy, start_ssh
-from bench.procs import PeerError, Proc, Processes, descendants, git_revision, log
+from bench.procs import (
+    PeerError,
+    Proc,
+    Processes,
+    descendants,
+    git_revision,
+    interrupt_on,
+    log,
+    remove_tmp,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEERS = ("sockproxy", "ssh")
@@ -301,13 +308,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on(signal.SIGTERM)
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git": git_revision(),
@@ -335,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         echo.shutdown()
         echo.server_close()
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tmp(tmp, args.keep_tmp)
     for key, figures in results.items():
         for error in sorted(set(figures.errors)):
             notes.append(f"{key}: {figures.errors.count(error)}x {error}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -43,7 +42,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,7 +53,7 @@ from bench.peers import (
     start_sockproxy_local,
     start_sockproxy_server,
 )
-from bench.procs import PeerError, Proc, Processes, git_revision, log
+from bench.procs import PeerError, Proc, Processes, git_revision, interrupt_on, log, remove_tmp
 from client.tunnel import KEEPALIVE_INTERVAL
 from server.handler import SESSION_TIMEOUT
 from utils.cells import RecordSealer
@@ -464,13 +462,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on(signal.SIGTERM)
     tmp = Path(tempfile.mkdtemp(prefix="sockproxy-idle-"))
     run = Run(args, Processes(), tmp, Destination())
     run.loads["start"] = load()
@@ -482,10 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_everything(run)
         run.destination.close()
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tmp(tmp, args.keep_tmp)
     print("\n".join(report(run)))
     return 0
 

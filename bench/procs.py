@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 READY_TIMEOUT = 30.0
@@ -30,6 +32,25 @@ class PeerError(Exception):
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def interrupt_on(*signums: int) -> None:
+    """These signals end a benchmark as Ctrl-C does (KeyboardInterrupt), so that its
+    ``finally`` stops every process it started."""
+    for signum in signums:
+        signal.signal(signum, _interrupt)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def remove_tmp(tmp: Path, keep: bool) -> None:
+    """The run's temporary folder: kept (and named in the log) with --keep-tmp, else removed."""
+    if keep:
+        log(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ processes

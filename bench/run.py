@@ -31,7 +31,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +38,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,7 +65,9 @@ from bench.procs import (
     PeerError,
     Processes,
     install_apt_peers,
+    interrupt_on,
     log,
+    remove_tmp,
     run_to_stderr,
 )
 
@@ -560,17 +560,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.socksbench.is_file():
         print(f"run.py: no socksbench at {args.socksbench} (use --socksbench)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    interrupt_on(signal.SIGTERM, signal.SIGHUP)
     meta = machine_info(args)
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="sockproxy-bench-"))
@@ -591,10 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             results[-1].status = "interrupted"
     finally:
         procs.stop_all()
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tmp(tmp, args.keep_tmp)
     markdown = render(meta, results, args)
     print(markdown)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -51,7 +50,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,7 +78,9 @@ from bench.procs import (
     free_ports,
     git_revision,
     install_apt_peers,
+    interrupt_on,
     log,
+    remove_tmp,
 )
 from bench.procs import wait_for_port as wait_listening
 
@@ -477,10 +477,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def available(systems: list[System], install: bool) -> list[System]:
     if install and any(system.missing() for system in systems):
         install_apt_peers()
@@ -496,7 +492,7 @@ def available(systems: list[System], install: bool) -> list[System]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on(signal.SIGTERM)
     meta = machine(args)
     systems = available([SYSTEMS[key] for key in args.peers], not args.no_install)
     procs = Processes()
@@ -516,10 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         destination.close()
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tmp(tmp, args.keep_tmp)
     rows = table_rows(results, args)
     table = render_markdown(rows) if args.markdown else render_text(rows)
     print("\n".join(header(meta, args) + table + problems(results)))
