@@ -266,7 +266,7 @@ class Session:
             self._fail(f"send failed: {type(exc).__name__}")
             raise
 
-    def _send_record(self, record: memoryview) -> None:
+    def _send_record(self, record: bytes | memoryview) -> None:
         send_all(self.sock, record, self.timeout)
 
     def send_quietly(self, frames: bytes) -> None:
@@ -298,7 +298,7 @@ class Session:
         with self._send_lock:
             if self.closed is None and not self._sealer.ended:
                 try:
-                    send_all(self.sock, self._sealer.seal_end(), self.timeout)
+                    self._send_record(self._sealer.seal_end())
                     self.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
